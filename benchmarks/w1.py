@@ -1,0 +1,95 @@
+"""W1: the engine (Ray backend, vmap executor) vs an in-process plain-PyTorch vmap reference.
+
+Workload (configs/w1.yaml): 1000 clients x 64 samples, 64 features, 10 classes; MLP 64-128-10;
+100 clients per round; 1 local epoch, batch 16, SGD lr 0.05; FedAvg; 20 rounds.
+Prints steady-state client-updates/s of both (rounds after the first `--warmup`) and the ratio.
+
+    python benchmarks/w1.py [--pools N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from engine.config import load_config
+from engine.experiment import run_experiment
+from engine.logs import read_table
+from engine.params import ParamSpec, init_params
+from engine.runtime import RuntimeOptions
+from engine.seeds import SeedTree
+from scenarios.task import build_task
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w1.yaml"
+
+
+def reference(cfg, warmup: int) -> float:
+    """Plain PyTorch: per-client data as one dense tensor, vmap(grad) over the selected clients,
+    weighted mean of the deltas. Same data, model, selection size and hyper-parameters."""
+    task = build_task(cfg, SeedTree(cfg.seed))
+    order = np.argsort(task.owner, kind="stable")
+    n, per = task.num_clients, int(task.client_sizes[0])
+    x = torch.from_numpy(task.data.x_train[order]).reshape(n, per, -1)
+    y = torch.from_numpy(task.data.y_train[order]).reshape(n, per)
+    model = task.model.build()
+    spec = ParamSpec.of(model)
+    params = init_params(task.model.build, 0)
+    hp, k = cfg.training, cfg.population.participation.clients_per_round
+
+    def loss(flat, xb, yb):
+        return F.cross_entropy(functional_call(model, spec.unflatten(flat), (xb,)), yb)
+
+    step = vmap(grad(loss))
+    rng = np.random.default_rng(0)
+    timed, updates = 0.0, 0
+    for r in range(cfg.rounds):
+        t0 = time.perf_counter()
+        chosen = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
+        perm = torch.argsort(torch.rand(k, per), dim=1)
+        xs = torch.take_along_dim(x[chosen], perm[..., None], dim=1)
+        ys = torch.take_along_dim(y[chosen], perm, dim=1)
+        w = params.expand(k, -1).clone()
+        for s in range(0, per, hp.batch_size):
+            w -= hp.lr * step(w, xs[:, s : s + hp.batch_size], ys[:, s : s + hp.batch_size])
+        params = params + (w - params).mean(dim=0)
+        if r >= warmup:
+            timed += time.perf_counter() - t0
+            updates += k
+    return updates / timed
+
+
+def engine(cfg, pools: int | None, warmup: int) -> float:
+    with tempfile.TemporaryDirectory() as logs:
+        run_experiment(cfg, RuntimeOptions("ray", pools), Path(logs), False)
+        rounds = read_table(Path(logs) / cfg.experiment, "rounds")
+    steady = rounds.filter(pc.greater_equal(rounds["round"], warmup))
+    return pc.sum(steady["num_updates"]).as_py() / pc.sum(steady["round_wall_s"]).as_py()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pools", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    cfg = load_config(CONFIG, [f"rounds={args.rounds}"])
+    eng = engine(cfg, args.pools, args.warmup)
+    torch.set_num_threads(os.cpu_count() or 1)  # the reference gets every core
+    ref = reference(cfg, args.warmup)
+    print(f"W1 steady state (rounds >= {args.warmup} of {args.rounds}), client-updates/s:")
+    print(f"  reference (in-process vmap, {torch.get_num_threads()} threads): {ref:10,.0f}")
+    print(f"  engine    (Ray, vmap executor):              {eng:10,.0f}")
+    print(f"  ratio engine/reference: {eng / ref:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The runtime: config, seeds, pools, local training, the round loop, logs."""

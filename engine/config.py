@@ -1,0 +1,208 @@
+"""Scenario configs: YAML + dotted overrides -> typed, validated, frozen objects.
+
+This is the config boundary: raw dicts and strings stop here. Every error becomes a
+``ConfigError`` whose message is one line naming the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A bad config or bad input: the message is one line naming the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticConfig(_Strict):
+    """LEAF's Synthetic(alpha, beta): each client has its own softmax model and input law."""
+
+    alpha: float = Field(1.0, ge=0, description="spread of the clients' models")
+    beta: float = Field(1.0, ge=0, description="spread of the clients' input means")
+    num_features: int = Field(60, ge=1)
+    num_classes: int = Field(10, ge=2)
+    samples_per_client: int = Field(64, ge=2, description="mean samples per client (train+test)")
+    quantity_sigma: float = Field(0.0, ge=0, description="lognormal spread of per-client counts")
+
+
+class ModelConfig(_Strict):
+    kind: Literal["logistic", "mlp", "cnn"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1)]] = [64]
+
+
+class TaskConfig(_Strict):
+    dataset: Literal["synthetic", "digits"] = "digits"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    model: ModelConfig = ModelConfig()
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_test_samples: int = Field(10_000, ge=1)
+
+
+class PartitionConfig(_Strict):
+    """How training samples are split over clients (see scenarios/partition.py)."""
+
+    kind: Literal["natural", "iid", "dirichlet", "shards", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
+    shards_per_client: int = Field(2, ge=1)
+
+
+class ParticipationConfig(_Strict):
+    """Uniform participation: exactly one of clients_per_round (K of N) or fraction."""
+
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ParticipationConfig:
+        if (self.clients_per_round is None) == (self.fraction is None):
+            raise ValueError("set exactly one of clients_per_round or fraction")
+        return self
+
+
+class PopulationConfig(_Strict):
+    num_clients: int = Field(100, ge=1)
+    participation: ParticipationConfig = ParticipationConfig(fraction=0.1)
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> PopulationConfig:
+        k = self.participation.clients_per_round
+        if k is not None and k > self.num_clients:
+            raise ValueError(
+                f"participation.clients_per_round={k} exceeds num_clients={self.num_clients}"
+            )
+        return self
+
+
+class TrainingConfig(_Strict):
+    executor: Literal["vmap", "loop"] = "vmap"
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.05, gt=0)
+
+
+class StageSpec(_Strict):
+    """One stage of an aggregation chain: a registry name (or "pkg.mod:attr") and its kwargs."""
+
+    name: str = Field(min_length=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def _stage_list(value: Any) -> Any:
+    """Accept `name`, `{name: {kw: v}}` or a list of those; return a list of StageSpec dicts."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append({"name": item})
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, kwargs), = item.items()
+            out.append({"name": name, "kwargs": {} if kwargs is None else kwargs})
+        else:
+            raise ValueError("a stage is a name or a one-key mapping {name: {param: value}}")
+    return out
+
+
+class ExperimentConfig(_Strict):
+    experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(20, ge=1)
+    eval_every: int = Field(5, ge=0, description="rounds between evaluations; 0: last round only")
+    task: TaskConfig = TaskConfig()
+    partition: PartitionConfig = PartitionConfig()
+    population: PopulationConfig = PopulationConfig()
+    training: TrainingConfig = TrainingConfig()
+    aggregation: Annotated[list[StageSpec], BeforeValidator(_stage_list)] = [
+        StageSpec(name="fedavg")
+    ]
+
+    @field_serializer("aggregation")
+    def _stages_as_written(self, stages: list[StageSpec]) -> list[dict[str, Any]]:
+        return [{s.name: dict(s.kwargs)} for s in stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A stable hash of the resolved config (what defines the results, not the runtime)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML: 5000 -> int, 0.1 -> float)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key=value with a dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"{where}: is a value, not a section; cannot set {'.'.join(path)}")
+        node = child
+    node[path[-1]] = value
+
+
+def _error_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        parent, _, _ = loc.rpartition(".")
+        return f"{loc}: unknown key{f' in {parent}' if parent else ''}"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or first["type"] == "missing" else f" (got {got!r})"
+    return f"{loc or 'config'}: {msg}{shown}"
+
+
+def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_error_line(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML scenario, apply `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    return build_config(raw)

@@ -1,0 +1,108 @@
+"""The synchronous federated round loop: select, train on pools, aggregate, evaluate, log."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.evaluation import Evaluator
+from engine.logs import ClientRows, RoundRows, RunLogger
+from engine.pool import PoolResult
+from engine.progress import RoundProgress
+from engine.runtime import Pools
+from engine.seeds import SeedTree
+from policies.base import Aggregator, Updates
+from policies.selection import uniform
+from scenarios.population import available
+
+
+@dataclass(frozen=True)
+class FederatedSetup:
+    rounds: int
+    clients_per_round: int
+    eval_every: int  # 0: evaluate the last round only
+    seeds: SeedTree
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    params: torch.Tensor
+    rounds_done: int
+    final_accuracy: float
+    best_accuracy: float
+    wall_s: float
+    client_updates: int
+
+
+def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator,
+                     params: torch.Tensor, evaluator: Evaluator, logger: RunLogger,
+                     progress: RoundProgress, num_clients: int) -> LoopResult:
+    """FedAvg-style synchronous rounds; the global model lives here, updates are ordered by id."""
+    state = aggregator.init(params)
+    accuracies, total_updates, start = [], 0, time.perf_counter()
+    for r in range(setup.rounds):
+        t0 = time.perf_counter()
+        rng = setup.seeds.rng("selection", r)
+        selected = uniform(available(num_clients, r), setup.clients_per_round, rng)
+        results = pools.train(params, selected, r)
+        t1 = time.perf_counter()
+        updates = Updates.concat([res.updates for res in results])
+        step, state = aggregator.update(updates, state)
+        params = params + step
+        t2 = time.perf_counter()
+        loss, acc = evaluator(params) if _due(r, setup) else (math.nan, math.nan)
+        t3 = time.perf_counter()
+        norms = torch.linalg.vector_norm(updates.deltas, dim=1)
+        logger.append(_client_rows(r, results, pools.bounds, norms))
+        rate = updates.num_clients / max(t3 - t0, 1e-9)
+        train_loss = _weighted(updates.losses, updates.weights)
+        logger.append(RoundRows(
+            round=[r], num_selected=[selected.size], num_updates=[updates.num_clients],
+            train_loss=[train_loss], test_loss=[loss], test_accuracy=[acc],
+            mean_update_norm=[float(norms.mean())], round_wall_s=[t3 - t0],
+            train_wall_s=[t1 - t0], aggregate_wall_s=[t2 - t1], eval_wall_s=[t3 - t2],
+            wall_time_s=[t3 - start], client_updates_per_s=[rate],
+        ))
+        accuracies.append(acc)
+        total_updates += updates.num_clients
+        progress.update(acc, train_loss, rate)
+    evaluated = [a for a in accuracies if not math.isnan(a)]
+    return LoopResult(params, setup.rounds, evaluated[-1], max(evaluated),
+                      time.perf_counter() - start, total_updates)
+
+
+def _due(r: int, setup: FederatedSetup) -> bool:
+    last = r == setup.rounds - 1
+    return last or (setup.eval_every > 0 and (r + 1) % setup.eval_every == 0)
+
+
+def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float:
+    total = float(weights.sum())
+    return float((values * weights).sum()) / total if total > 0 else float(values.mean())
+
+
+def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray,
+                 norms: torch.Tensor) -> ClientRows:
+    """One row per selected client, ordered by client id like the aggregated updates."""
+    ids = np.concatenate([res.updates.client_ids.numpy() for res in results])
+    order = np.argsort(ids, kind="stable")
+
+    def joined(column) -> np.ndarray:
+        return np.concatenate([column(res) for res in results])[order]
+
+    ids = ids[order]
+    return ClientRows(
+        round=np.full(ids.size, r), client_id=ids,
+        pool=np.searchsorted(bounds, ids, side="right") - 1,
+        status=np.full(ids.size, "completed"),
+        num_samples=joined(lambda res: res.updates.num_samples.numpy()),
+        local_steps=joined(lambda res: res.steps.numpy()),
+        train_loss=joined(lambda res: res.updates.losses.numpy()),
+        update_norm=norms.numpy(),
+        weight=joined(lambda res: res.updates.weights.numpy()),
+        pool_train_s=joined(lambda res: np.full(res.updates.num_clients, res.train_s)),
+    )

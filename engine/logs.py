@@ -1,0 +1,151 @@
+"""Arrow logs: fixed schemas, rows built column-wise, written as Parquet part files.
+
+Layout: <root>/<table>/run_id=<id>/part-<seq>.parquet, so `pyarrow.dataset` (hive partitioning)
+reads a whole experiment or sweep at once. A part file is written under a dot-name (ignored by
+dataset readers) and renamed into place, so a crash or SIGKILL never leaves a half-written file
+where a reader looks: what was flushed stays readable. The logger knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+RUN_ID = pa.schema([("run_id", pa.string())])
+
+RUNS = pa.schema([
+    ("experiment", pa.string()), ("config_yaml", pa.string()), ("config_digest", pa.string()),
+    ("seed", pa.int64()), ("mode", pa.string()), ("backend", pa.string()),
+    ("executor", pa.string()), ("num_pools", pa.int32()), ("num_clients", pa.int64()),
+    ("rounds_planned", pa.int32()), ("num_params", pa.int64()),
+    ("started_at", pa.timestamp("ms", tz="UTC")), ("versions", pa.string()),
+])
+ROUNDS = pa.schema([
+    ("round", pa.int32()), ("num_selected", pa.int32()), ("num_updates", pa.int32()),
+    ("train_loss", pa.float64()), ("test_loss", pa.float64()), ("test_accuracy", pa.float64()),
+    ("mean_update_norm", pa.float64()), ("round_wall_s", pa.float64()),
+    ("train_wall_s", pa.float64()), ("aggregate_wall_s", pa.float64()),
+    ("eval_wall_s", pa.float64()), ("wall_time_s", pa.float64()),
+    ("client_updates_per_s", pa.float64()),
+])
+CLIENTS = pa.schema([
+    ("round", pa.int32()), ("client_id", pa.int64()), ("pool", pa.int32()),
+    ("status", pa.string()), ("num_samples", pa.int32()), ("local_steps", pa.int32()),
+    ("train_loss", pa.float32()), ("update_norm", pa.float32()), ("weight", pa.float32()),
+    ("pool_train_s", pa.float32()),
+])
+
+
+class RunRows(NamedTuple):
+    experiment: np.ndarray
+    config_yaml: np.ndarray
+    config_digest: np.ndarray
+    seed: np.ndarray
+    mode: np.ndarray
+    backend: np.ndarray
+    executor: np.ndarray
+    num_pools: np.ndarray
+    num_clients: np.ndarray
+    rounds_planned: np.ndarray
+    num_params: np.ndarray
+    started_at: np.ndarray
+    versions: np.ndarray
+
+
+class RoundRows(NamedTuple):
+    round: np.ndarray
+    num_selected: np.ndarray
+    num_updates: np.ndarray
+    train_loss: np.ndarray
+    test_loss: np.ndarray  # NaN where not evaluated -> null
+    test_accuracy: np.ndarray
+    mean_update_norm: np.ndarray
+    round_wall_s: np.ndarray
+    train_wall_s: np.ndarray
+    aggregate_wall_s: np.ndarray
+    eval_wall_s: np.ndarray
+    wall_time_s: np.ndarray
+    client_updates_per_s: np.ndarray
+
+
+class ClientRows(NamedTuple):
+    round: np.ndarray
+    client_id: np.ndarray
+    pool: np.ndarray
+    status: np.ndarray
+    num_samples: np.ndarray
+    local_steps: np.ndarray
+    train_loss: np.ndarray
+    update_norm: np.ndarray
+    weight: np.ndarray
+    pool_train_s: np.ndarray
+
+
+# Flush order: a round's row is written after its clients' rows, so a round present in
+# `rounds` always has its client rows on disk, even if the process dies mid-flush.
+TABLES: dict[type, tuple[str, pa.Schema]] = {
+    RunRows: ("runs", RUNS), ClientRows: ("clients", CLIENTS), RoundRows: ("rounds", ROUNDS),
+}
+
+
+def to_batch(rows: NamedTuple) -> pa.RecordBatch:
+    """Column-wise conversion; NaN in float columns becomes null."""
+    _, schema = TABLES[type(rows)]
+    arrays = []
+    for field, column in zip(schema, rows, strict=True):
+        column = np.asarray(column)
+        nan = pa.types.is_floating(field.type) and np.isnan(column).any()
+        arrays.append(pa.array(column, type=field.type, from_pandas=bool(nan)))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+class RunLogger:
+    """Buffers rows per table; `flush` writes one atomic part file per table with new rows."""
+
+    def __init__(self, root: Path, run_id: str, flush_every_s: float = 2.0) -> None:
+        self.root, self.run_id, self.flush_every_s = Path(root), run_id, flush_every_s
+        self._pending: dict[str, list[pa.RecordBatch]] = {}
+        self._seq = 0
+        self._last_flush = time.monotonic()
+
+    def append(self, rows: NamedTuple) -> None:
+        name, _ = TABLES[type(rows)]
+        self._pending.setdefault(name, []).append(to_batch(rows))
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, _ in TABLES.values():
+            if self._pending.get(name):
+                self._write(name, pa.Table.from_batches(self._pending[name]))
+        self._pending.clear()
+        self._last_flush = time.monotonic()
+
+    def _write(self, name: str, table: pa.Table) -> None:
+        folder = self.root / name / f"run_id={self.run_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"part-{self._seq:06d}.parquet"
+        tmp = folder / f".{final.name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        self._seq += 1
+
+
+SCHEMAS: dict[str, pa.Schema] = dict(TABLES.values())
+
+
+def read_table(root: Path, name: str) -> pa.Table:
+    """One table of every run under `root`, with its run_id column (empty if none yet)."""
+    full = SCHEMAS[name].append(RUN_ID.field(0))
+    folder = Path(root) / name
+    if not folder.is_dir():
+        return full.empty_table()
+    partitioning = ds.partitioning(RUN_ID, flavor="hive")
+    return ds.dataset(folder, format="parquet", partitioning=partitioning, schema=full).to_table()

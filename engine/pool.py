@@ -1,0 +1,95 @@
+"""ClientPool: owns a shard of clients (their data as CSR rows) and trains the selected ones.
+
+A plain Python class: the Ray backend wraps it in an actor, the inline backend calls it
+in-process. Pools never choose clients; they train whom they are told to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.params import ParamSpec
+from engine.seeds import SeedTree
+from engine.training import EXECUTORS, LocalSGD, batch_plan
+from policies.base import Updates
+from scenarios.models import ModelSpec
+from scenarios.task import Shard
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    model: ModelSpec
+    hp: LocalSGD
+    executor: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    updates: Updates
+    steps: torch.Tensor  # [k] SGD steps per client
+    train_s: float  # wall seconds of this pool's call
+
+    # Pickled as numpy arrays: Ray ships those as zero-copy buffers, while a pickled torch
+    # tensor is copied through bytes (measured: 27 ms vs 11 ms for two 1.9 MB results).
+    def __getstate__(self) -> dict:
+        return {"updates": [c.numpy() for c in self.updates], "steps": self.steps.numpy(),
+                "train_s": self.train_s}
+
+    def __setstate__(self, state: dict) -> None:
+        columns = [_tensor(a) for a in state["updates"]]
+        object.__setattr__(self, "updates", Updates(*columns))
+        object.__setattr__(self, "steps", _tensor(state["steps"]))
+        object.__setattr__(self, "train_s", state["train_s"])
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over `array` (copied only if read-only, as buffers from the object store are)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class ClientPool:
+    def __init__(self, spec: PoolSpec, shard: Shard) -> None:
+        torch.set_num_threads(1)  # one thread per pool: results do not depend on thread count
+        self.spec = spec
+        self.client_ids = shard.client_ids
+        self.offsets = shard.offsets
+        self.x = torch.from_numpy(np.array(shard.x, copy=True))
+        self.y = torch.from_numpy(np.array(shard.y, copy=True))
+        self.seeds = SeedTree(spec.seed)
+        model = spec.model.build()
+        self.executor = EXECUTORS[spec.executor](model, ParamSpec.of(model))
+        self._warm_up(model)
+
+    def _warm_up(self, model) -> None:
+        """Train a few clients once and discard the result (pools keep no client state yet),
+        so the first timed round does not pay one-off costs (lazy imports, allocator growth)."""
+        from engine.params import flatten_module
+
+        self.train(flatten_module(model), self.client_ids[:32], round_idx=0)
+
+    def ready(self) -> int:
+        """Number of clients owned; a cheap call to wait for construction to finish."""
+        return int(self.client_ids.size)
+
+    def train(self, params: torch.Tensor, client_ids: np.ndarray, round_idx: int) -> PoolResult:
+        """One round of local training for `client_ids` (a subset of this shard)."""
+        start = time.perf_counter()
+        local = np.searchsorted(self.client_ids, client_ids)
+        counts = self.offsets[local + 1] - self.offsets[local]
+        keys = self.seeds.client_keys("shuffle", round_idx, client_ids)
+        plan = batch_plan(keys, self.offsets[local], counts, self.spec.hp)
+        out = self.executor(params, self.x, self.y, plan, self.spec.hp)
+        updates = Updates(
+            deltas=out.deltas,
+            weights=torch.from_numpy(counts.astype(np.float32)),
+            client_ids=torch.from_numpy(np.array(client_ids, dtype=np.int64)),
+            losses=out.losses.float(),
+            num_samples=torch.from_numpy(counts.astype(np.int64)),
+        )
+        return PoolResult(updates, out.steps, time.perf_counter() - start)
+

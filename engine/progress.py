@@ -1,0 +1,29 @@
+"""The live progress bar: round, test accuracy, train loss, client-updates/s and ETA."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from tqdm import tqdm
+
+
+class RoundProgress:
+    def __init__(self, total_rounds: int, enabled: bool = True) -> None:
+        self._bar = tqdm(total=total_rounds, unit="round", file=sys.stderr, disable=not enabled,
+                         dynamic_ncols=True, mininterval=0.25,
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}"
+                                    "{postfix}]")
+        self._accuracy = math.nan
+
+    def update(self, accuracy: float, train_loss: float, updates_per_s: float) -> None:
+        if not math.isnan(accuracy):
+            self._accuracy = accuracy
+        self._bar.set_postfix_str(
+            f"acc={self._accuracy:.3f} loss={train_loss:.3f} upd/s={updates_per_s:,.0f}",
+            refresh=False,
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()

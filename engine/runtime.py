@@ -1,0 +1,119 @@
+"""Backends: the only module that talks to Ray.
+
+`RayPools` wraps each ClientPool in an actor, places its shard once through the object store,
+puts the global model once per round and makes one call per pool per round. `InlinePools` calls
+the same ClientPool objects in-process. Both return the pools' results in pool order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from engine.pool import ClientPool, PoolResult, PoolSpec
+from scenarios.task import FederatedTask
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run (never what is computed: results do not depend on these)."""
+
+    backend: str = "ray"  # "ray" | "inline"
+    pools: int | None = None  # default: one per cluster CPU (ray), 1 (inline)
+    address: str | None = None  # an existing Ray cluster, e.g. "auto" or "host:6379"
+
+
+class Pools(Protocol):
+    num_pools: int
+    bounds: np.ndarray  # [num_pools + 1] client id boundaries of the shards
+
+    def train(self, params: torch.Tensor, selected: np.ndarray, round_idx: int
+              ) -> list[PoolResult]: ...
+
+    def close(self) -> None: ...
+
+
+def shard_bounds(num_clients: int, num_pools: int) -> np.ndarray:
+    """Contiguous, near-equal blocks of client ids: pool p owns bounds[p]..bounds[p+1]-1."""
+    return np.linspace(0, num_clients, num_pools + 1).round().astype(np.int64)
+
+
+def split_by_pool(selected: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    cuts = np.searchsorted(selected, bounds[1:-1])
+    return np.split(selected, cuts)
+
+
+class InlinePools:
+    def __init__(self, task: FederatedTask, spec: PoolSpec, num_pools: int) -> None:
+        self.num_pools = num_pools
+        self.bounds = shard_bounds(task.num_clients, num_pools)
+        self._pools = [ClientPool(spec, task.shard(a, b))
+                       for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+
+    def train(self, params, selected, round_idx):
+        parts = split_by_pool(selected, self.bounds)
+        return [pool.train(params, ids, round_idx)
+                for pool, ids in zip(self._pools, parts, strict=True) if ids.size]
+
+    def close(self) -> None:
+        self._pools.clear()
+
+
+class RayPools:
+    def __init__(self, task: FederatedTask, spec: PoolSpec, num_pools: int) -> None:
+        import ray
+
+        self._ray = ray
+        self.num_pools = num_pools
+        self.bounds = shard_bounds(task.num_clients, num_pools)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        actor = ray.remote(ClientPool).options(num_cpus=min(1.0, cpus / num_pools))
+        spec_ref = ray.put(spec)
+        self._actors = [actor.remote(spec_ref, ray.put(task.shard(a, b)))
+                        for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+        ray.get([a.ready.remote() for a in self._actors])  # start-up is not part of round 0
+
+    def train(self, params, selected, round_idx):
+        params_ref = self._ray.put(params)  # once per round, shared by every pool
+        parts = split_by_pool(selected, self.bounds)
+        futures = [actor.train.remote(params_ref, ids, round_idx)
+                   for actor, ids in zip(self._actors, parts, strict=True) if ids.size]
+        return self._ray.get(futures)
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors.clear()
+
+
+def connect_ray(address: str | None) -> int:
+    """Join `address`, or start an embedded Ray on loopback with the dashboard off.
+    Returns the cluster's CPU count. Reuses a Ray already initialised in this process."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        common = dict(include_dashboard=False, logging_level=logging.WARNING,
+                      configure_logging=True)
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", **common)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def make_pools(task: FederatedTask, spec: PoolSpec, options: RuntimeOptions) -> Pools:
+    if options.backend == "inline":
+        torch.set_num_threads(1)  # same arithmetic as a pool actor
+        return InlinePools(task, spec, _pool_count(options.pools or 1, task))
+    cpus = connect_ray(options.address)
+    return RayPools(task, spec, _pool_count(options.pools or cpus, task))
+
+
+def _pool_count(requested: int, task: FederatedTask) -> int:
+    return max(1, min(requested, task.num_clients))

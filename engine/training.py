@@ -1,0 +1,124 @@
+"""Local training of a batch of clients: a `vmap` executor and a `loop` reference executor.
+
+Both consume the same batch plan, an index tensor [C, T, B] of shard rows (-1 = padding):
+client c takes step t on the rows plan[c, t] that are >= 0, and does nothing on a step whose
+rows are all padding. So clients with unequal data sizes train in lock-step under vmap, and
+both executors apply exactly the same SGD steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# torch.func imports torch._dynamo lazily on its first call (seconds); pay it when a pool is
+# built rather than inside the first timed round.
+import torch._dynamo  # noqa: E402, F401
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from engine.params import ParamSpec
+from engine.seeds import keyed_permutations
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Trained:
+    deltas: torch.Tensor  # [C, P] local params - global params
+    losses: torch.Tensor  # [C] mean training loss over the client's steps
+    steps: torch.Tensor  # [C] SGD steps taken
+
+
+def batch_plan(keys: np.ndarray, offsets: np.ndarray, counts: np.ndarray, hp: LocalSGD):
+    """Shard-row indices [C, T, B] for `hp.epochs` shuffled epochs of each client.
+
+    `keys` is one uint64 per (client, round) from the seed tree; epoch e of client c is the
+    permutation keyed by keys[c] + e. Each epoch is padded to a whole number of batches.
+    """
+    b, e = hp.batch_size, hp.epochs
+    steps = -(-counts // b)  # ceil: batches per epoch, per client
+    width = int(steps.max()) * b
+    perms = np.stack([keyed_permutations(keys + np.uint64(k), counts, width) for k in range(e)],
+                     axis=1)  # [C, E, width]
+    epoch_len = (steps * b)[:, None]  # [C, 1] padded epoch length
+    pos = np.arange(e * width)[None, :]
+    epoch, within = pos // epoch_len, pos % epoch_len
+    valid = epoch < e
+    flat = np.where(valid, epoch, 0) * width + within
+    local = np.take_along_axis(perms.reshape(len(keys), -1), flat, axis=1)
+    rows = np.where(valid & (local >= 0), local + offsets[:, None], -1)
+    return torch.from_numpy(rows.reshape(len(keys), -1, b))
+
+
+def _batch_loss(model: nn.Module, spec: ParamSpec):
+    def loss(flat, x, y, mask):
+        logits = functional_call(model, spec.unflatten(flat), (x,))
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
+
+    return loss
+
+
+class VmapExecutor:
+    """All clients step together: torch.func.vmap over grad of a functional model call."""
+
+    def __init__(self, model: nn.Module, spec: ParamSpec) -> None:
+        self._step = vmap(grad_and_value(_batch_loss(model, spec)))
+
+    def __call__(self, params, x, y, plan: torch.Tensor, hp: LocalSGD) -> Trained:
+        mask = plan >= 0
+        rows = plan.clamp(min=0)
+        weights = params.expand(plan.shape[0], -1).clone()
+        loss_sum = torch.zeros(plan.shape[0])
+        for t in range(plan.shape[1]):
+            grads, losses = self._step(weights, x[rows[:, t]], y[rows[:, t]], mask[:, t].float())
+            weights.sub_(hp.lr * grads)
+            loss_sum += losses
+        steps = mask.any(dim=2).sum(dim=1)
+        return Trained(weights - params, loss_sum / steps.clamp(min=1), steps)
+
+
+class LoopExecutor:
+    """Reference: one client after another, plain autograd on an nn.Module."""
+
+    def __init__(self, model: nn.Module, spec: ParamSpec) -> None:
+        self._model = model
+
+    def __call__(self, params, x, y, plan: torch.Tensor, hp: LocalSGD) -> Trained:
+        deltas, losses, steps = [], [], []
+        for client_plan in plan:
+            delta, loss, n = self._train_one(params, x, y, client_plan, hp.lr)
+            deltas.append(delta)
+            losses.append(loss)
+            steps.append(n)
+        return Trained(torch.stack(deltas), torch.tensor(losses), torch.tensor(steps))
+
+    def _train_one(self, params, x, y, client_plan, lr):
+        model = self._model
+        nn.utils.vector_to_parameters(params.clone(), model.parameters())
+        loss_sum, n = 0.0, 0
+        for batch in client_plan:
+            rows = batch[batch >= 0]
+            if rows.numel() == 0:
+                continue
+            model.zero_grad()
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(lr * p.grad)
+            loss_sum, n = loss_sum + loss.item(), n + 1
+        final = nn.utils.parameters_to_vector(model.parameters()).detach()
+        return final - params, loss_sum / max(n, 1), n
+
+
+EXECUTORS = {"vmap": VmapExecutor, "loop": LoopExecutor}

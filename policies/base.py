@@ -1,0 +1,83 @@
+"""The aggregation contract, in the style of Optax's GradientTransformation.
+
+An aggregation policy is a chain of stages. Each stage is an `Aggregator(init, update)` of pure
+functions with explicit state. A stage's `update` maps its input to its output:
+
+    transform  : Updates    -> Updates      (e.g. per-client clipping)
+    reduction  : Updates    -> Tensor [P]   (e.g. weighted mean, median)
+    optimizer  : Tensor [P] -> Tensor [P]   (e.g. server SGD, Adam)
+    aggregator : Updates    -> Tensor [P]   (a ready-made chain such as fedavg)
+
+The chain's output is the global step: new_params = params + step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+State = Any  # a (nested) tuple of tensors; () for stateless stages
+StageKind = Literal["transform", "reduction", "optimizer", "aggregator"]
+
+
+class Updates(NamedTuple):
+    """K clients' results for one aggregation, ordered by client id."""
+
+    deltas: torch.Tensor  # [K, P] float32: local params - global params
+    weights: torch.Tensor  # [K] float32 (FedAvg: number of local samples)
+    client_ids: torch.Tensor  # [K] int64
+    losses: torch.Tensor  # [K] float32 mean local training loss
+    num_samples: torch.Tensor  # [K] int64 local training samples
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.client_ids.numel())
+
+    def take(self, index: torch.Tensor) -> Updates:
+        return Updates(*(column[index] for column in self))
+
+    @staticmethod
+    def concat(parts: list[Updates]) -> Updates:
+        """Join pools' updates and order them by client id (the reduction order is fixed)."""
+        joined = Updates(*(torch.cat(columns) for columns in zip(*parts, strict=True)))
+        return joined.take(torch.argsort(joined.client_ids, stable=True))
+
+
+class Aggregator(NamedTuple):
+    init: Callable[[torch.Tensor], State]  # global params [P] -> initial state
+    update: Callable[[Any, State], tuple[Any, State]]
+
+
+def stage(kind: StageKind, permutation_invariant: bool = True):
+    """Mark a factory with the kind of stage it returns (read by the registry and the contract
+    checker); `permutation_invariant=False` for rules that depend on client order."""
+
+    def mark(factory: Callable[..., Aggregator]) -> Callable[..., Aggregator]:
+        factory.stage_kind = kind
+        factory.permutation_invariant = permutation_invariant
+        return factory
+
+    return mark
+
+
+def chain(*stages: Aggregator) -> Aggregator:
+    """Run stages one after another, each with its own slot of the state tuple."""
+
+    def init(params: torch.Tensor) -> State:
+        return tuple(s.init(params) for s in stages)
+
+    def update(x: Any, state: State) -> tuple[Any, State]:
+        new_state = []
+        for s, s_state in zip(stages, state, strict=True):
+            x, s_state = s.update(x, s_state)
+            new_state.append(s_state)
+        return x, tuple(new_state)
+
+    return Aggregator(init, update)
+
+
+def stateless(fn: Callable[[Any], Any]) -> Aggregator:
+    """A stage with no state from a plain function of its input."""
+    return Aggregator(init=lambda params: (), update=lambda x, state: (fn(x), state))

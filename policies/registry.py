@@ -1,0 +1,69 @@
+"""Registry of aggregation stages (Gymnasium-style: an explicit dict of name -> factory).
+
+Configs name a stage by registry name or by an out-of-tree "package.module:attr" path whose
+factory is marked with `policies.base.stage`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from pydantic import ValidationError, validate_call
+
+from engine.config import ConfigError, StageSpec
+from policies.aggregation import fedavg, server_sgd, weighted_mean
+from policies.base import Aggregator, chain
+
+Factory = Callable[..., Aggregator]
+
+AGGREGATION: dict[str, Factory] = {
+    "weighted_mean": weighted_mean,
+    "server_sgd": server_sgd,
+    "fedavg": fedavg,
+}
+
+# Allowed order of stage kinds in a chain: transforms, one reduction, then optimizers.
+_RANK = {"transform": 0, "reduction": 1, "aggregator": 1, "optimizer": 2}
+
+
+def resolve(name: str, where: str) -> Factory:
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            raise ConfigError(f"{where}: cannot import {name!r}") from None
+    elif name in AGGREGATION:
+        factory = AGGREGATION[name]
+    else:
+        allowed = ", ".join(sorted(AGGREGATION))
+        raise ConfigError(f"{where}: unknown stage {name!r}; allowed: {allowed} or pkg.mod:attr")
+    if getattr(factory, "stage_kind", None) not in _RANK:
+        raise ConfigError(f"{where}: {name!r} is not marked with policies.base.stage(kind)")
+    return factory
+
+
+def _instantiate(factory: Factory, spec: StageSpec, where: str) -> Aggregator:
+    try:
+        return validate_call(factory)(**spec.kwargs)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = "unknown parameter" if "unexpected" in first["type"] else first["msg"]
+        got = first.get("input")
+        raise ConfigError(f"{where}.{spec.name}.{key}: {msg} (got {got!r})") from None
+
+
+def build_aggregator(specs: list[StageSpec]) -> Aggregator:
+    """Validate the chain's order and parameters, then compose it."""
+    factories = [resolve(s.name, f"aggregation[{i}]") for i, s in enumerate(specs)]
+    ranks = [_RANK[f.stage_kind] for f in factories]
+    if ranks != sorted(ranks) or ranks.count(1) != 1:
+        raise ConfigError(
+            "aggregation: a chain is transforms, then exactly one reduction or aggregator, "
+            f"then optimizers; got kinds {[f.stage_kind for f in factories]}"
+        )
+    stages = [_instantiate(f, s, f"aggregation[{i}]") for i, (f, s) in
+              enumerate(zip(factories, specs, strict=True))]
+    return stages[0] if len(stages) == 1 else chain(*stages)

@@ -1,0 +1,1 @@
+"""The world: tasks (data, partitions, models) and the population model."""

@@ -1,0 +1,42 @@
+import pytest
+
+from engine.config import ConfigError, build_config, load_config, parse_override
+from tests.conftest import ROOT
+
+
+def test_overrides_are_typed_by_yaml():
+    assert parse_override("population.num_clients=5000") == (["population", "num_clients"], 5000)
+    assert parse_override("training.lr=0.1") == (["training", "lr"], 0.1)
+    assert parse_override("experiment=abc") == (["experiment"], "abc")
+
+
+def test_dotted_overrides_reach_nested_keys():
+    cfg = load_config(ROOT / "configs/quickstart.yaml",
+                      ["rounds=50", "population.num_clients=5000", "seed=3"])
+    assert (cfg.rounds, cfg.population.num_clients, cfg.seed) == (50, 5000, 3)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"task": {"foo": 1}}, "task.foo: unknown key"),
+    ({"rounds": "5"}, "rounds: Input should be a valid integer"),
+    ({"training": {"lr": -0.1}}, "training.lr: Input should be greater than 0"),
+    ({"population": {"participation": {"fraction": 1.5}}},
+     "population.participation.fraction: Input should be less than or equal to 1"),
+    ({"population": {"num_clients": 5, "participation": {"clients_per_round": 10}}},
+     "clients_per_round=10 exceeds num_clients=5"),
+    ({"population": {"participation": {"fraction": 0.5, "clients_per_round": 3}}},
+     "set exactly one of clients_per_round or fraction"),
+    ({"aggregation": [1]}, "aggregation: a stage is a name or a one-key mapping"),
+])
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        build_config(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_resolved_config_round_trips_through_yaml():
+    import yaml
+
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
+    assert build_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert build_config(yaml.safe_load(cfg.to_yaml())).digest() == cfg.digest()

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from engine.config import ConfigError, PartitionConfig, SyntheticConfig, TaskConfig
+from scenarios.datasets import holdout_mask, load_dataset, synthetic_leaf
+from scenarios.partition import PARTITIONERS, partition
+
+LABELS = np.random.default_rng(0).integers(0, 10, 1000)
+
+
+@pytest.mark.parametrize("kind", sorted(PARTITIONERS))
+def test_every_sample_owned_and_every_client_nonempty(kind):
+    cfg = PartitionConfig(kind=kind, alpha=0.1, shards_per_client=2)
+    owner = partition(LABELS, 50, cfg, np.random.default_rng(1))
+    assert owner.shape == LABELS.shape
+    assert np.bincount(owner, minlength=50).min() >= 1
+    assert owner.max() == 49
+
+
+def test_iid_sizes_are_equal_within_one():
+    owner = partition(LABELS, 30, PartitionConfig(kind="iid"), np.random.default_rng(0))
+    sizes = np.bincount(owner)
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_shards_give_each_client_few_labels():
+    owner = partition(LABELS, 50, PartitionConfig(kind="shards", shards_per_client=2),
+                      np.random.default_rng(0))
+    labels_per_client = [np.unique(LABELS[owner == c]).size for c in range(50)]
+    assert max(labels_per_client) <= 4  # 2 shards of sorted labels, each spanning <= 2 labels
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    def mean_labels(alpha):
+        owner = partition(LABELS, 20, PartitionConfig(kind="dirichlet", alpha=alpha),
+                          np.random.default_rng(0))
+        return np.mean([np.unique(LABELS[owner == c]).size for c in range(20)])
+
+    assert mean_labels(0.05) < mean_labels(100.0) - 3
+
+
+def test_too_many_clients_is_a_config_error():
+    with pytest.raises(ConfigError, match="num_clients: 2000 exceeds the 1000 training samples"):
+        partition(LABELS, 2000, PartitionConfig(kind="iid"), np.random.default_rng(0))
+
+
+def test_natural_needs_a_per_client_dataset():
+    with pytest.raises(ConfigError, match="natural"):
+        partition(LABELS, 10, PartitionConfig(kind="natural"), np.random.default_rng(0))
+
+
+def test_synthetic_is_non_iid_per_client():
+    cfg = SyntheticConfig(alpha=1.0, beta=1.0, samples_per_client=200)
+    x, y, owner = synthetic_leaf(cfg, 10, np.random.default_rng(0))
+    assert x.shape == (2000, 60) and x.dtype == np.float32
+    assert (np.bincount(owner) == 200).all()
+    means = np.stack([x[owner == c].mean(axis=0) for c in range(10)])
+    assert means[:, 0].std() > 0.5  # clients' input means differ (beta > 0)
+
+
+def test_holdout_keeps_a_training_sample_per_client():
+    owner = np.repeat(np.arange(5), [1, 2, 10, 10, 50])
+    mask = holdout_mask(owner.size, 0.5, owner, np.random.default_rng(0))
+    assert [int((~mask[owner == c]).sum()) for c in range(5)] == [1, 1, 5, 5, 25]
+
+
+def test_digits_split_and_scale():
+    data = load_dataset(TaskConfig(dataset="digits", test_fraction=0.2), 10,
+                        np.random.default_rng(0))
+    assert len(data.y_train) + len(data.y_test) == 1797
+    assert abs(len(data.y_test) - 359) <= 1
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
