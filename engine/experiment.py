@@ -22,7 +22,7 @@ from engine.progress import RoundProgress
 from engine.runtime import RuntimeOptions, make_pools
 from engine.seeds import SeedTree
 from engine.training import LocalSGD
-from policies.registry import build_aggregator
+from policies.registry import build_aggregator, pools_may_reduce
 from scenarios.population import clients_per_round
 from scenarios.task import FederatedTask, build_task
 
@@ -65,7 +65,7 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
         logger.append(_run_row(cfg, options, task, pools.num_pools, params.numel(), started))
         logger.flush()
         setup = FederatedSetup(cfg.rounds, clients_per_round(cfg.population), cfg.eval_every,
-                               seeds)
+                               seeds, pools_may_reduce(cfg.aggregation))
         evaluator = Evaluator(task.model, task.data.x_test, task.data.y_test)
         loop = federated_rounds(setup, pools, aggregator, params, evaluator, logger, progress,
                                 task.num_clients)

@@ -26,6 +26,7 @@ class FederatedSetup:
     clients_per_round: int
     eval_every: int  # 0: evaluate the last round only
     seeds: SeedTree
+    pre_reduce: bool  # pools send partial sums (decomposable aggregation), not every delta
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
         t0 = time.perf_counter()
         rng = setup.seeds.rng("selection", r)
         selected = uniform(available(num_clients, r), setup.clients_per_round, rng)
-        results = pools.train(params, selected, r)
+        results = pools.train(params, selected, r, setup.pre_reduce)
         t1 = time.perf_counter()
         updates = Updates.concat([res.updates for res in results])
         step, state = aggregator.update(updates, state)
@@ -56,14 +57,14 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
         t2 = time.perf_counter()
         loss, acc = evaluator(params) if _due(r, setup) else (math.nan, math.nan)
         t3 = time.perf_counter()
-        norms = torch.linalg.vector_norm(updates.deltas, dim=1)
-        logger.append(_client_rows(r, results, pools.bounds, norms))
+        rows = _client_rows(r, results, pools.bounds)
+        logger.append(rows)
         rate = updates.num_clients / max(t3 - t0, 1e-9)
         train_loss = _weighted(updates.losses, updates.weights)
         logger.append(RoundRows(
             round=[r], num_selected=[selected.size], num_updates=[updates.num_clients],
             train_loss=[train_loss], test_loss=[loss], test_accuracy=[acc],
-            mean_update_norm=[float(norms.mean())], round_wall_s=[t3 - t0],
+            mean_update_norm=[float(rows.update_norm.mean())], round_wall_s=[t3 - t0],
             train_wall_s=[t1 - t0], aggregate_wall_s=[t2 - t1], eval_wall_s=[t3 - t2],
             wall_time_s=[t3 - start], client_updates_per_s=[rate],
         ))
@@ -85,8 +86,7 @@ def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float:
     return float((values * weights).sum()) / total if total > 0 else float(values.mean())
 
 
-def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray,
-                 norms: torch.Tensor) -> ClientRows:
+def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray) -> ClientRows:
     """One row per selected client, ordered by client id like the aggregated updates."""
     ids = np.concatenate([res.updates.client_ids.numpy() for res in results])
     order = np.argsort(ids, kind="stable")
@@ -102,7 +102,7 @@ def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray,
         num_samples=joined(lambda res: res.updates.num_samples.numpy()),
         local_steps=joined(lambda res: res.steps.numpy()),
         train_loss=joined(lambda res: res.updates.losses.numpy()),
-        update_norm=norms.numpy(),
+        update_norm=joined(lambda res: res.update_norms.numpy()),
         weight=joined(lambda res: res.updates.weights.numpy()),
         pool_train_s=joined(lambda res: np.full(res.updates.num_clients, res.train_s)),
     )

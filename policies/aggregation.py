@@ -7,21 +7,31 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from policies import tree
 from policies.base import Aggregator, Updates, chain, stage, stateless
+from policies.tree import TreeSums
 
 
-@stage("reduction")
+def weighted_sums(updates: Updates) -> TreeSums:
+    """sum_k w_k * delta_k as tree nodes: the pools' partial sums, or leaves from the deltas."""
+    if updates.weighted_sums is not None:
+        return updates.weighted_sums
+    return TreeSums.leaves(updates.weights[:, None] * updates.deltas, updates.client_ids)
+
+
+@stage("reduction", decomposable=True)
 def weighted_mean() -> Aggregator:
     """FedAvg's reduction (McMahan et al., 2017, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data"): sum_k w_k * delta_k / sum_k w_k, with w_k = n_k the
-    client's sample count. With zero total weight the step is zero."""
+    client's sample count. The sum runs over a fixed tree of client ids (policies/tree.py), so
+    pools can pre-reduce it. With zero total weight the step is zero."""
 
     def reduce(updates: Updates) -> torch.Tensor:
-        w = updates.weights.to(updates.deltas.dtype)
-        total = w.sum()
+        sums = weighted_sums(updates)
+        total = updates.weights.double().sum()
         if total <= 0:
-            return torch.zeros(updates.deltas.shape[1], dtype=updates.deltas.dtype)
-        return (w @ updates.deltas) / total
+            return torch.zeros(sums.sums.shape[1], dtype=sums.sums.dtype)
+        return tree.total(sums, sums.sums.shape[1]) / total.to(sums.sums.dtype)
 
     return stateless(reduce)
 
@@ -33,7 +43,7 @@ def server_sgd(lr: Annotated[float, Field(gt=0)] = 1.0) -> Aggregator:
     return stateless(lambda delta: lr * delta)
 
 
-@stage("aggregator")
+@stage("aggregator", decomposable=True)
 def fedavg(server_lr: Annotated[float, Field(gt=0)] = 1.0) -> Aggregator:
     """FedAvg (McMahan et al., 2017) with a server learning rate."""
     return chain(weighted_mean(), server_sgd(lr=server_lr))

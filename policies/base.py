@@ -18,30 +18,45 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from policies.tree import TreeSums
+
 State = Any  # a (nested) tuple of tensors; () for stateless stages
 StageKind = Literal["transform", "reduction", "optimizer", "aggregator"]
 
 
 class Updates(NamedTuple):
-    """K clients' results for one aggregation, ordered by client id."""
+    """K clients' results for one aggregation, ordered by client id.
 
-    deltas: torch.Tensor  # [K, P] float32: local params - global params
+    When the aggregation is decomposable (`stage(..., decomposable=True)`), pools pre-reduce:
+    `deltas` is None and `weighted_sums` holds their partial sums of weights * deltas.
+    """
+
+    deltas: torch.Tensor | None  # [K, P] float32: local params - global params
     weights: torch.Tensor  # [K] float32 (FedAvg: number of local samples)
     client_ids: torch.Tensor  # [K] int64
     losses: torch.Tensor  # [K] float32 mean local training loss
     num_samples: torch.Tensor  # [K] int64 local training samples
+    weighted_sums: TreeSums | None = None
 
     @property
     def num_clients(self) -> int:
         return int(self.client_ids.numel())
 
+    def per_client(self) -> tuple[torch.Tensor | None, ...]:
+        return self[:5]
+
     def take(self, index: torch.Tensor) -> Updates:
-        return Updates(*(column[index] for column in self))
+        """Rows `index` of the per-client columns (partial sums are kept as they are)."""
+        columns = [None if c is None else c[index] for c in self.per_client()]
+        return Updates(*columns, weighted_sums=self.weighted_sums)
 
     @staticmethod
     def concat(parts: list[Updates]) -> Updates:
         """Join pools' updates and order them by client id (the reduction order is fixed)."""
-        joined = Updates(*(torch.cat(columns) for columns in zip(*parts, strict=True)))
+        columns = [None if c[0] is None else torch.cat(c)
+                   for c in zip(*(u.per_client() for u in parts), strict=True)]
+        sums = [u.weighted_sums for u in parts if u.weighted_sums is not None]
+        joined = Updates(*columns, weighted_sums=TreeSums.concat(sums) if sums else None)
         return joined.take(torch.argsort(joined.client_ids, stable=True))
 
 
@@ -50,13 +65,16 @@ class Aggregator(NamedTuple):
     update: Callable[[Any, State], tuple[Any, State]]
 
 
-def stage(kind: StageKind, permutation_invariant: bool = True):
+def stage(kind: StageKind, permutation_invariant: bool = True, decomposable: bool = False):
     """Mark a factory with the kind of stage it returns (read by the registry and the contract
-    checker); `permutation_invariant=False` for rules that depend on client order."""
+    checker). `permutation_invariant=False` for rules that depend on client order;
+    `decomposable=True` for reductions that only need sum(weights * deltas) (policies/tree.py),
+    which pools may then pre-reduce instead of shipping every delta."""
 
     def mark(factory: Callable[..., Aggregator]) -> Callable[..., Aggregator]:
         factory.stage_kind = kind
         factory.permutation_invariant = permutation_invariant
+        factory.decomposable = decomposable
         return factory
 
     return mark

@@ -55,6 +55,12 @@ def _instantiate(factory: Factory, spec: StageSpec, where: str) -> Aggregator:
         raise ConfigError(f"{where}.{spec.name}.{key}: {msg} (got {got!r})") from None
 
 
+def pools_may_reduce(specs: list[StageSpec]) -> bool:
+    """True when the chain starts with a decomposable reduction: pools then send partial sums
+    of weights * deltas (hierarchical aggregation) instead of every client's delta."""
+    return bool(getattr(resolve(specs[0].name, "aggregation[0]"), "decomposable", False))
+
+
 def build_aggregator(specs: list[StageSpec]) -> Aggregator:
     """Validate the chain's order and parameters, then compose it."""
     factories = [resolve(s.name, f"aggregation[{i}]") for i, s in enumerate(specs)]

@@ -73,11 +73,11 @@ def test_contract_shapes_and_finite(name, sample):
 @pytest.mark.parametrize("name", NAMES)
 def test_contract_deterministic_and_pure(name, sample):
     agg = complete(name)
-    before = [c.clone() for c in sample]
+    before = [c.clone() for c in sample.per_client()]
     a, _ = agg.update(sample, agg.init(torch.zeros(11)))
     b, _ = agg.update(sample, agg.init(torch.zeros(11)))
     assert torch.equal(a, b)
-    assert all(torch.equal(x, y) for x, y in zip(before, sample, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(before, sample.per_client(), strict=True))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,3 +128,18 @@ def test_out_of_tree_stage_by_path():
                             StageSpec(name="server_sgd", kwargs={"lr": 2.0})])
     step, _ = agg.update(updates([[1.0], [3.0]], [1, 1]), agg.init(torch.zeros(1)))
     assert torch.allclose(step, torch.tensor([4.0]))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if AGGREGATION[n].decomposable])
+def test_contract_pre_reduced_equals_full_stack(name, sample):
+    """Decomposable stages give the same bits from pools' partial sums as from all deltas."""
+    from policies import tree
+    from policies.tree import TreeSums
+
+    agg = complete(name)
+    full, _ = agg.update(sample, agg.init(torch.zeros(11)))
+    leaves = TreeSums.leaves(sample.weights[:, None] * sample.deltas, sample.client_ids)
+    parts = [tree.merge(TreeSums(*(c[lo:hi] for c in leaves)), lo, hi)
+             for lo, hi in [(0, 2), (2, 3), (3, 7)]]
+    pre = sample._replace(deltas=None, weighted_sums=TreeSums.concat(parts))
+    assert torch.equal(agg.update(pre, agg.init(torch.zeros(11)))[0], full)

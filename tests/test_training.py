@@ -49,3 +49,16 @@ def test_global_model_same_with_either_executor(tmp_path):
         return run_experiment(cfg, RuntimeOptions("inline"), tmp_path, False).loop.params
 
     assert (final("vmap") - final("loop")).abs().max() <= 1e-5
+
+
+def test_pool_partial_sums_match_full_deltas():
+    from policies.aggregation import weighted_mean
+    from policies.base import Updates
+
+    pool, params = _pool("vmap")
+    ids = np.array([1, 2, 5, 6, 7, 13])
+    full = Updates.concat([pool.train(params, ids, 1).updates])
+    pre = Updates.concat([pool.train(params, ids, 1, pre_reduce=True).updates])
+    assert pre.deltas is None and pre.weighted_sums.sums.shape[0] < ids.size
+    agg = weighted_mean()
+    assert torch.equal(agg.update(full, ())[0], agg.update(pre, ())[0])
