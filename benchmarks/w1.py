@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--pools", type=int, default=None)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="rounds left out of steady state")
-    p.add_argument("--repeats", type=int, default=3, help="alternating engine/reference runs")
+    p.add_argument("--repeats", type=int, default=5, help="alternating engine/reference runs")
     args = p.parse_args()
     cfg = load_config(CONFIG, [f"rounds={args.rounds}"])
     engine_rates, reference_rates = [], []

@@ -95,6 +95,12 @@ TABLES: dict[type, tuple[str, pa.Schema]] = {
 }
 
 
+def _joined(records: list[NamedTuple]) -> NamedTuple:
+    """Many row records of one table -> one record of concatenated columns."""
+    return type(records[0])(*(np.concatenate([np.atleast_1d(np.asarray(c)) for c in columns])
+                              for columns in zip(*records, strict=True)))
+
+
 def to_batch(rows: NamedTuple) -> pa.RecordBatch:
     """Column-wise conversion; NaN in float columns becomes null."""
     _, schema = TABLES[type(rows)]
@@ -107,24 +113,24 @@ def to_batch(rows: NamedTuple) -> pa.RecordBatch:
 
 
 class RunLogger:
-    """Buffers rows per table; `flush` writes one atomic part file per table with new rows."""
+    """Buffers row records per table; `flush` converts them to Arrow once and writes one atomic
+    part file per table with new rows."""
 
     def __init__(self, root: Path, run_id: str, flush_every_s: float = 2.0) -> None:
         self.root, self.run_id, self.flush_every_s = Path(root), run_id, flush_every_s
-        self._pending: dict[str, list[pa.RecordBatch]] = {}
+        self._pending: dict[type, list[NamedTuple]] = {}
         self._seq = 0
         self._last_flush = time.monotonic()
 
     def append(self, rows: NamedTuple) -> None:
-        name, _ = TABLES[type(rows)]
-        self._pending.setdefault(name, []).append(to_batch(rows))
+        self._pending.setdefault(type(rows), []).append(rows)
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
-        for name, _ in TABLES.values():
-            if self._pending.get(name):
-                self._write(name, pa.Table.from_batches(self._pending[name]))
+        for kind, (name, _) in TABLES.items():  # TABLES order: rounds last
+            if self._pending.get(kind):
+                self._write(name, pa.Table.from_batches([to_batch(_joined(self._pending[kind]))]))
         self._pending.clear()
         self._last_flush = time.monotonic()
 

@@ -57,6 +57,8 @@ def merge(nodes: TreeSums, lo: int, hi: int, overwrite: bool = False) -> TreeSum
         if np.count_nonzero(level[live] >= depth) <= 1:
             break
         rows = live[level[live] == depth]
+        if rows.size == 0:
+            continue
         parent = index[rows] >> 1
         up = ((parent << (depth + 1)) >= lo) & (((parent + 1) << (depth + 1)) <= hi)
         rows, parent = rows[up], parent[up]
