@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,21 @@ from pydantic import (
 
 class ConfigError(ValueError):
     """A bad config or bad input: the message is one line naming the key and what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class _Strict(BaseModel):
@@ -121,7 +137,7 @@ def _stage_list(value: Any) -> Any:
 
 class ExperimentConfig(_Strict):
     experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     rounds: int = Field(20, ge=1)
     eval_every: int = Field(5, ge=0, description="rounds between evaluations; 0: last round only")
     task: TaskConfig = TaskConfig()
@@ -154,7 +170,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key=value with a dotted key")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = _yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -196,7 +212,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

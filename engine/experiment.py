@@ -7,10 +7,10 @@ import platform
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.config import ExperimentConfig
 from engine.evaluation import Evaluator
@@ -21,7 +21,7 @@ from engine.pool import PoolSpec
 from engine.progress import RoundProgress
 from engine.runtime import RuntimeOptions, make_pools
 from engine.seeds import SeedTree
-from engine.training import LocalSGD
+from engine.training import LocalSGD, pin_torch_arithmetic
 from policies.registry import build_aggregator, pools_may_reduce
 from scenarios.population import clients_per_round
 from scenarios.task import FederatedTask, build_task
@@ -48,12 +48,15 @@ DEFAULT_OPTIONS = RuntimeOptions()
 def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTIONS,
                    log_root: Path = Path("logs"), show_progress: bool = True) -> RunResult:
     """Run one federated experiment and log it under log_root/<experiment>/."""
-    torch.set_num_threads(1)  # the driver's arithmetic is the same whatever the backend
+    pin_torch_arithmetic()  # the driver's arithmetic is the same whatever the backend
     aggregator = build_aggregator(cfg.aggregation)  # config errors surface before Ray starts
     seeds = SeedTree(cfg.seed)
     task = build_task(cfg, seeds)
     params = init_params(task.model.build, seeds.integer("init"))
-    hp = LocalSGD(cfg.training.local_epochs, cfg.training.batch_size, cfg.training.lr)
+    # A batch larger than the largest client is one full batch: cap it (for the whole
+    # population, so padded shapes, and hence results, do not depend on the pool layout).
+    batch = min(cfg.training.batch_size, int(task.client_sizes.max()))
+    hp = LocalSGD(cfg.training.local_epochs, batch, cfg.training.lr)
     spec = PoolSpec(task.model, hp, cfg.training.executor, cfg.seed)
     started = datetime.now(UTC)
     run_id = new_run_id(cfg, started)
@@ -77,13 +80,9 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
 
 
 def _versions() -> str:
-    import pyarrow
-    import ray
-
-    return json.dumps({
-        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-        "numpy": np.__version__, "pyarrow": pyarrow.__version__, "platform": sys.platform,
-    })
+    packages = ["torch", "ray", "numpy", "pyarrow", "pydantic"]
+    return json.dumps({"python": platform.python_version(), "platform": sys.platform,
+                       **{name: metadata.version(name) for name in packages}})
 
 
 def _run_row(cfg: ExperimentConfig, options: RuntimeOptions, task: FederatedTask,

@@ -14,7 +14,7 @@ import torch
 
 from engine.params import ParamSpec
 from engine.seeds import SeedTree
-from engine.training import EXECUTORS, LocalSGD, batch_plan
+from engine.training import EXECUTORS, LocalSGD, batch_plan, pin_torch_arithmetic
 from policies import tree
 from policies.base import Updates
 from policies.tree import TreeSums
@@ -68,7 +68,7 @@ def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
 
 class ClientPool:
     def __init__(self, spec: PoolSpec, shard: Shard) -> None:
-        torch.set_num_threads(1)  # one thread per pool: results do not depend on thread count
+        pin_torch_arithmetic()
         self.spec = spec
         self.client_ids = shard.client_ids
         self.offsets = shard.offsets

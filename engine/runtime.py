@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from engine.config import ConfigError
 from engine.pool import ClientPool, PoolResult, PoolSpec
 from scenarios.task import FederatedTask
 
@@ -115,15 +117,30 @@ def connect_ray(address: str | None) -> int:
         common = dict(include_dashboard=False, logging_level=logging.WARNING,
                       configure_logging=True)
         if address:
-            ray.init(address=address, **common)
+            _check_reachable(address)
+            try:
+                ray.init(address=address, **common)
+            except ConnectionError as err:
+                raise ConfigError(f"--address {address}: cannot join a Ray cluster ({err})"
+                                  .splitlines()[0]) from None
         else:
             ray.init(_node_ip_address="127.0.0.1", _system_config=EMBEDDED_RAY_CONFIG, **common)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes of Ray retries, when host:port does not answer."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms are Ray's to resolve
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as err:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({err})") from None
+
+
 def make_pools(task: FederatedTask, spec: PoolSpec, options: RuntimeOptions) -> Pools:
     if options.backend == "inline":
-        torch.set_num_threads(1)  # same arithmetic as a pool actor
         return InlinePools(task, spec, _pool_count(options.pools or 1, task))
     cpus = connect_ray(options.address)
     return RayPools(task, spec, _pool_count(options.pools or cpus, task))

@@ -32,7 +32,7 @@ def resolve(name: str, where: str) -> Factory:
         module, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError, ValueError):
             raise ConfigError(f"{where}: cannot import {name!r}") from None
     elif name in AGGREGATION:
         factory = AGGREGATION[name]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import SyntheticConfig, TaskConfig
+from engine.config import ConfigError, SyntheticConfig, TaskConfig
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,14 @@ def synthetic_leaf(
 
     Client k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta); its model W_k, b_k ~ N(u_k, 1); its
     input mean v_k ~ N(B_k, 1) per feature; x ~ N(v_k, diag(j^-1.2)); y = argmax(W_k x + b_k).
+    As in the FedProx reference generator, alpha and beta are standard deviations.
     Returns x [n, F] float32, y [n] int64 and the owning client of each sample.
     """
     f, c = cfg.num_features, cfg.num_classes
     counts = _client_counts(cfg, num_clients, rng)
     owner = np.repeat(np.arange(num_clients), counts)
-    u = rng.normal(0.0, np.sqrt(cfg.alpha), num_clients)
-    b_mean = rng.normal(0.0, np.sqrt(cfg.beta), num_clients)
+    u = rng.normal(0.0, cfg.alpha, num_clients)
+    b_mean = rng.normal(0.0, cfg.beta, num_clients)
     w = rng.normal(u[:, None, None], 1.0, (num_clients, c, f))
     bias = rng.normal(u[:, None], 1.0, (num_clients, c))
     v = rng.normal(b_mean[:, None], 1.0, (num_clients, f))
@@ -94,6 +95,9 @@ def load_dataset(cfg: TaskConfig, num_clients: int, rng: np.random.Generator) ->
         num_classes, shape = 10, (1, 8, 8)
     held = holdout_mask(len(y), cfg.test_fraction, owner, rng)
     test_idx = np.flatnonzero(held)
+    if test_idx.size == 0:
+        raise ConfigError(f"task.test_fraction: {cfg.test_fraction} holds out no test sample; "
+                          "raise it (or the samples per client)")
     if test_idx.size > cfg.max_test_samples:
         test_idx = np.sort(rng.choice(test_idx, cfg.max_test_samples, replace=False))
     return Dataset(

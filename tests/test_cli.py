@@ -56,6 +56,9 @@ def test_quickstart_as_in_readme_then_analyze(tmp_path):
     (["configs/quickstart.yaml", "aggregation=nope"], "aggregation[0]: unknown stage 'nope'"),
     (["configs/quickstart.yaml", "--backend", "gpu"], "invalid choice: 'gpu'"),
     (["analyze", "logs/does-not-exist"], "no runs found"),
+    (["configs/digits.yaml", "task.test_fraction=0.0002"], "holds out no test sample"),
+    (["configs/quickstart.yaml", "aggregation=:x"], "cannot import ':x'"),
+    (["configs/quickstart.yaml", "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
     done = run(*args)

@@ -10,6 +10,20 @@ def test_overrides_are_typed_by_yaml():
     assert parse_override("experiment=abc") == (["experiment"], "abc")
 
 
+def test_scientific_floats_are_floats(tmp_path):
+    assert parse_override("training.lr=1e-3") == (["training", "lr"], 0.001)
+    path = tmp_path / "c.yaml"
+    path.write_text("training: {lr: 5e-2}\n")
+    assert load_config(path).training.lr == 0.05
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"rounds: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(path)
+
+
 def test_dotted_overrides_reach_nested_keys():
     cfg = load_config(ROOT / "configs/quickstart.yaml",
                       ["rounds=50", "population.num_clients=5000", "seed=3"])
@@ -27,6 +41,7 @@ def test_dotted_overrides_reach_nested_keys():
     ({"population": {"participation": {"fraction": 0.5, "clients_per_round": 3}}},
      "set exactly one of clients_per_round or fraction"),
     ({"aggregation": [1]}, "aggregation: a stage is a name or a one-key mapping"),
+    ({"seed": 2**64}, "seed: Input should be less than or equal to"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:

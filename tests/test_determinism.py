@@ -19,8 +19,9 @@ def _run(tmp_path, name, options):
     rounds = read_table(tmp_path / name, "rounds").sort_by("round")
     clients = read_table(tmp_path / name, "clients").sort_by([("round", "ascending"),
                                                              ("client_id", "ascending")])
-    return result, rounds.select(METRICS), clients.select(["client_id", "train_loss",
-                                                           "update_norm"])
+    return (result, rounds.select(METRICS),
+            clients.select(["client_id", "train_loss", "update_norm"]),
+            clients["pool"].to_pylist())
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +37,39 @@ def runs(tmp_path_factory, ray_cluster):
 
 @pytest.mark.parametrize("other", ["ray1", "ray2", "inline3"])
 def test_identical_metrics_and_models(runs, other):
-    base, rounds, clients = runs["inline"]
-    result, other_rounds, other_clients = runs[other]
+    base, rounds, clients, _ = runs["inline"]
+    result, other_rounds, other_clients, _ = runs[other]
     assert torch.equal(base.loop.params, result.loop.params)
     assert rounds.equals(other_rounds)
     assert clients.equals(other_clients)
 
 
-def test_pool_layout_is_what_differs(runs):
-    assert runs["ray2"][0].loop.client_updates == 4 * 5
-    assert runs["inline"][1].num_rows == 4
+def test_the_layouts_really_differ(runs):
+    """Guard against comparing a layout with itself: clients sat in different pools."""
+    assert set(runs["inline"][3]) == {0}
+    assert set(runs["ray2"][3]) == {0, 1}
+    assert set(runs["inline3"][3]) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("model", ["logistic", "mlp", "cnn"])
+@pytest.mark.parametrize("executor", ["vmap", "loop"])
+def test_every_model_is_layout_independent(tmp_path, model, executor):
+    """1 pool, 3 pools and 20 pools (one client each, most idle in a round): same bits."""
+    cfg = small_config(rounds=2, task={"model": {"kind": model, "hidden": [16]}},
+                       training={"executor": executor, "batch_size": 100})
+    params = [run_experiment(cfg, RuntimeOptions("inline", pools=n), tmp_path, False).loop.params
+              for n in (1, 3, 20)]
+    assert all(torch.equal(params[0], p) for p in params[1:])
+
+
+def test_synthetic_task_is_layout_independent(tmp_path):
+    cfg = small_config(rounds=2, task={"dataset": "synthetic",
+                                       "synthetic": {"samples_per_client": 30,
+                                                     "quantity_sigma": 1.0}},
+                       partition={"kind": "natural"})
+    a, b = (run_experiment(cfg, RuntimeOptions("inline", pools=n), tmp_path, False).loop.params
+            for n in (1, 4))
+    assert torch.equal(a, b)
 
 
 def test_a_different_seed_differs(tmp_path):

@@ -58,6 +58,16 @@ def test_synthetic_is_non_iid_per_client():
     assert means[:, 0].std() > 0.5  # clients' input means differ (beta > 0)
 
 
+def test_synthetic_beta_is_a_standard_deviation():
+    """v_k ~ N(B_k, 1), B_k ~ N(0, beta): the spread of client input means is sqrt(beta^2 + 1)
+    (FedProx's generator reads beta as a standard deviation, not a variance)."""
+    cfg = SyntheticConfig(alpha=0.0, beta=3.0, samples_per_client=2, num_features=200)
+    x, _, owner = synthetic_leaf(cfg, 2000, np.random.default_rng(0))
+    first_feature_mean = np.array([x[owner == c, 0].mean() for c in range(2000)])
+    # feature 0 has unit noise; client means spread like N(0, beta^2 + 1 + 1/2)
+    assert abs(first_feature_mean.std() - np.sqrt(9 + 1 + 0.5)) < 0.25
+
+
 def test_holdout_keeps_a_training_sample_per_client():
     owner = np.repeat(np.arange(5), [1, 2, 10, 10, 50])
     mask = holdout_mask(owner.size, 0.5, owner, np.random.default_rng(0))

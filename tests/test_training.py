@@ -26,6 +26,16 @@ def test_plan_visits_each_row_once_per_epoch():
         assert steps == 2 * -(-counts[c] // 3)
 
 
+def test_batch_larger_than_any_client_runs_as_one_full_batch(tmp_path):
+    """batch_size=10**6 is capped to the largest client: same model as batch = that size."""
+    cfg = small_config(rounds=1)
+    largest = int(build_task(cfg, SeedTree(cfg.seed)).client_sizes.max())
+    huge, exact = (run_experiment(small_config(rounds=1, training={"batch_size": b}),
+                                  RuntimeOptions("inline"), tmp_path, False).loop.params
+                   for b in (10**6, largest))
+    assert torch.equal(huge, exact)
+
+
 def _pool(executor):
     cfg = small_config()
     task = build_task(cfg, SeedTree(cfg.seed))
