@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.params import ParamSpec
+from engine.params import ParamSpec, flatten_module
 from engine.seeds import SeedTree
 from engine.training import EXECUTORS, LocalSGD, batch_plan, pin_torch_arithmetic
 from policies import tree
@@ -82,8 +82,6 @@ class ClientPool:
     def _warm_up(self, model) -> None:
         """Train a few clients once and discard the result (pools keep no client state yet),
         so the first timed round does not pay one-off costs (lazy imports, allocator growth)."""
-        from engine.params import flatten_module
-
         self.train(flatten_module(model), self.client_ids[:32], round_idx=0)
 
     def ready(self) -> int:
