@@ -12,15 +12,39 @@ from collections.abc import Callable
 from pydantic import ValidationError, validate_call
 
 from engine.config import ConfigError, StageSpec
+from policies import optimizers, robust, transforms
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
+from policies.flag import flag_aggregator
 
 Factory = Callable[..., Aggregator]
 
 AGGREGATION: dict[str, Factory] = {
+    # reductions
     "weighted_mean": weighted_mean,
+    "coordinate_median": robust.coordinate_median,
+    "trimmed_mean": robust.trimmed_mean,
+    "krum": robust.krum,
+    "multi_krum": robust.multi_krum,
+    "geometric_median": robust.geometric_median,
+    "centered_clipping": robust.centered_clipping,
+    "bulyan": robust.bulyan,
+    "flag_aggregator": flag_aggregator,
+    # transforms
+    "clip_per_client": transforms.clip_per_client,
+    "nnm": transforms.nnm,
+    "bucketing": transforms.bucketing,
+    # server optimizers
     "server_sgd": server_sgd,
+    "server_momentum": optimizers.server_momentum,
+    "diloco_outer": optimizers.diloco_outer,
+    "server_adagrad": optimizers.server_adagrad,
+    "server_adam": optimizers.server_adam,
+    "server_yogi": optimizers.server_yogi,
+    # ready-made chains
     "fedavg": fedavg,
+    "fedavgm": optimizers.fedavgm,
+    "fedadam": optimizers.fedadam,
 }
 
 # Allowed order of stage kinds in a chain: transforms, one reduction, then optimizers.
