@@ -6,12 +6,26 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from engine.config import ConfigError
 from engine.logs import read_table
 
-SUMMARY_COLUMNS = ["run_id", "experiment", "backend", "num_pools", "rounds", "rounds_planned",
-                   "final_accuracy", "best_accuracy", "wall_s", "updates_per_s"]
+SUMMARY_COLUMNS = ["run_id", "experiment", "aggregation", "attack", "backend", "num_pools",
+                   "rounds", "rounds_planned", "final_accuracy", "best_accuracy", "wall_s",
+                   "updates_per_s"]
+
+
+def _policy_labels(config_yaml: pa.ChunkedArray) -> dict[str, list[str]]:
+    """Short labels of each run's aggregation chain and attack, read from its stored config."""
+    aggregation, attack = [], []
+    for text in config_yaml.to_pylist():
+        cfg = yaml.safe_load(text)
+        stages = [next(iter(stage)) for stage in cfg.get("aggregation", [])]
+        aggregation.append("+".join(stages))
+        a = cfg.get("attack", {"kind": "none"})
+        attack.append("none" if a["kind"] == "none" else f"{a['kind']}@{a['fraction']:g}")
+    return {"aggregation": aggregation, "attack": attack}
 
 
 def summarize(log_dir: Path) -> pa.Table:
@@ -28,13 +42,15 @@ def summarize(log_dir: Path) -> pa.Table:
     progress = rounds.group_by("run_id").aggregate(
         [("round", "count"), ("wall_time_s", "max"), ("num_updates", "sum")])
     table = (runs.select(["run_id", "experiment", "backend", "num_pools", "rounds_planned",
-                          "started_at"])
+                          "started_at", "config_yaml"])
              .join(progress, "run_id", join_type="left outer")
              .join(accuracy, "run_id", join_type="left outer")
              .sort_by("started_at"))
     wall = table["wall_time_s_max"]
     return pa.table({
-        **{c: table[c] for c in ["run_id", "experiment", "backend", "num_pools"]},
+        **{c: table[c] for c in ["run_id", "experiment"]},
+        **_policy_labels(table["config_yaml"]),
+        **{c: table[c] for c in ["backend", "num_pools"]},
         "rounds": table["round_count"], "rounds_planned": table["rounds_planned"],
         "final_accuracy": table["test_accuracy_last"], "best_accuracy": table["test_accuracy_max"],
         "wall_s": wall, "updates_per_s": pc.divide(pc.cast(table["num_updates_sum"], pa.float64()),

@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     model_validator,
+    validate_call,
 )
 
 
@@ -113,6 +114,20 @@ class TrainingConfig(_Strict):
     lr: float = Field(0.05, gt=0)
 
 
+class AttackConfig(_Strict):
+    """Byzantine clients: `fraction` of the population, chosen by the seed tree, run attack
+    `kind` (scenarios/adversaries.py); any other key is a parameter of that attack."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    kind: str = "none"
+    fraction: float = Field(0.0, ge=0, le=1)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class StageSpec(_Strict):
     """One stage of an aggregation chain: a registry name (or "pkg.mod:attr") and its kwargs."""
 
@@ -144,6 +159,7 @@ class ExperimentConfig(_Strict):
     partition: PartitionConfig = PartitionConfig()
     population: PopulationConfig = PopulationConfig()
     training: TrainingConfig = TrainingConfig()
+    attack: AttackConfig = AttackConfig()
     aggregation: Annotated[list[StageSpec], BeforeValidator(_stage_list)] = [
         StageSpec(name="fedavg")
     ]
@@ -162,6 +178,18 @@ class ExperimentConfig(_Strict):
         """A stable hash of the resolved config (what defines the results, not the runtime)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def call_validated(factory: Any, kwargs: dict[str, Any], where: str) -> Any:
+    """factory(**kwargs) with kwargs checked against its annotations; a bad one is a
+    ConfigError naming `where.<param>`."""
+    try:
+        return validate_call(factory)(**kwargs)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = "unknown parameter" if "unexpected" in first["type"] else first["msg"]
+        raise ConfigError(f"{where}.{key}: {msg} (got {first.get('input')!r})") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

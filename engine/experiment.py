@@ -23,6 +23,7 @@ from engine.runtime import RuntimeOptions, make_pools
 from engine.seeds import SeedTree
 from engine.training import LocalSGD, pin_torch_arithmetic
 from policies.registry import build_aggregator, pools_may_reduce
+from scenarios.adversaries import build_adversary
 from scenarios.population import clients_per_round
 from scenarios.task import FederatedTask, build_task
 
@@ -51,7 +52,10 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
     pin_torch_arithmetic()  # the driver's arithmetic is the same whatever the backend
     aggregator = build_aggregator(cfg.aggregation)  # config errors surface before Ray starts
     seeds = SeedTree(cfg.seed)
+    adversary = build_adversary(cfg.attack, cfg.population.num_clients, seeds.rng("byzantine"))
     task = build_task(cfg, seeds)
+    if adversary is not None:
+        task = adversary.poison(task)
     params = init_params(task.model.build, seeds.integer("init"))
     # A batch larger than the largest client is one full batch: cap it (for the whole
     # population, so padded shapes, and hence results, do not depend on the pool layout).
@@ -67,8 +71,11 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
     try:
         logger.append(_run_row(cfg, options, task, pools.num_pools, params.numel(), started))
         logger.flush()
+        # attackers replace updates after training: pools must then ship every delta
+        pre_reduce = pools_may_reduce(cfg.aggregation) and (
+            adversary is None or adversary.attack.corrupt is None)
         setup = FederatedSetup(cfg.rounds, clients_per_round(cfg.population), cfg.eval_every,
-                               seeds, pools_may_reduce(cfg.aggregation))
+                               seeds, pre_reduce, adversary)
         evaluator = Evaluator(task.model, task.data.x_test, task.data.y_test)
         loop = federated_rounds(setup, pools, aggregator, params, evaluator, logger, progress,
                                 task.num_clients)

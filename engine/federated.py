@@ -15,8 +15,10 @@ from engine.pool import PoolResult
 from engine.progress import RoundProgress
 from engine.runtime import Pools
 from engine.seeds import SeedTree
+from policies import parallel
 from policies.base import Aggregator, Updates
 from policies.selection import uniform
+from scenarios.adversaries import Adversary
 from scenarios.population import available
 
 
@@ -27,6 +29,7 @@ class FederatedSetup:
     eval_every: int  # 0: evaluate the last round only
     seeds: SeedTree
     pre_reduce: bool  # pools send partial sums (decomposable aggregation), not every delta
+    adversary: Adversary | None = None
 
 
 @dataclass(frozen=True)
@@ -51,19 +54,22 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
         selected = uniform(available(num_clients, r), setup.clients_per_round, rng)
         results = pools.train(params, selected, r, setup.pre_reduce)
         t1 = time.perf_counter()
-        updates = Updates.concat([res.updates for res in results])
-        step, state = aggregator.update(updates, state)
+        updates, byzantine = _attacked(Updates.concat([res.updates for res in results]),
+                                       setup, r)
+        with parallel.chunk_map(pools.chunk_map):
+            step, state = aggregator.update(updates, state)
         params = params + step
         t2 = time.perf_counter()
         loss, acc = evaluator(params) if _due(r, setup) else (math.nan, math.nan)
         t3 = time.perf_counter()
-        rows = _client_rows(r, results, pools.bounds)
+        rows = _client_rows(r, results, pools.bounds, updates, byzantine)
         logger.append(rows)
         rate = updates.num_clients / max(t3 - t0, 1e-9)
         train_loss = _weighted(updates.losses, updates.weights)
         logger.append(RoundRows(
             round=[r], num_selected=[selected.size], num_updates=[updates.num_clients],
-            train_loss=[train_loss], test_loss=[loss], test_accuracy=[acc],
+            num_byzantine=[int(byzantine.sum())], train_loss=[train_loss], test_loss=[loss],
+            test_accuracy=[acc],
             mean_update_norm=[float(rows.update_norm.mean())], round_wall_s=[t3 - t0],
             train_wall_s=[t1 - t0], aggregate_wall_s=[t2 - t1], eval_wall_s=[t3 - t2],
             wall_time_s=[t3 - start], client_updates_per_s=[rate],
@@ -76,6 +82,15 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
                       time.perf_counter() - start, total_updates)
 
 
+def _attacked(updates: Updates, setup: FederatedSetup, r: int) -> tuple[Updates, np.ndarray]:
+    """The updates as the server receives them, and which of them come from attackers."""
+    if setup.adversary is None:
+        return updates, np.zeros(updates.num_clients, dtype=bool)
+    gen = torch.Generator().manual_seed(setup.seeds.integer("attack", r))
+    updates, mask = setup.adversary.corrupt(updates, gen)
+    return updates, mask.numpy()
+
+
 def _due(r: int, setup: FederatedSetup) -> bool:
     last = r == setup.rounds - 1
     return last or (setup.eval_every > 0 and (r + 1) % setup.eval_every == 0)
@@ -86,8 +101,10 @@ def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float:
     return float((values * weights).sum()) / total if total > 0 else float(values.mean())
 
 
-def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray) -> ClientRows:
-    """One row per selected client, ordered by client id like the aggregated updates."""
+def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray, updates: Updates,
+                 byzantine: np.ndarray) -> ClientRows:
+    """One row per selected client, ordered by client id like the aggregated updates.
+    An attacker's update norm is that of what it sent."""
     ids = np.concatenate([res.updates.client_ids.numpy() for res in results])
     order = np.argsort(ids, kind="stable")
 
@@ -102,7 +119,17 @@ def _client_rows(r: int, results: list[PoolResult], bounds: np.ndarray) -> Clien
         num_samples=joined(lambda res: res.updates.num_samples.numpy()),
         local_steps=joined(lambda res: res.steps.numpy()),
         train_loss=joined(lambda res: res.updates.losses.numpy()),
-        update_norm=joined(lambda res: res.update_norms.numpy()),
+        update_norm=_sent_norms(joined(lambda res: res.update_norms.numpy()), updates, byzantine),
         weight=joined(lambda res: res.updates.weights.numpy()),
         pool_train_s=joined(lambda res: np.full(res.updates.num_clients, res.train_s)),
+        byzantine=byzantine,
     )
+
+
+def _sent_norms(norms: np.ndarray, updates: Updates, byzantine: np.ndarray) -> np.ndarray:
+    if updates.deltas is None or not byzantine.any():
+        return norms
+    sent = torch.linalg.vector_norm(updates.deltas[torch.from_numpy(byzantine)], dim=1)
+    norms = norms.copy()
+    norms[byzantine] = sent.numpy()
+    return norms

@@ -29,7 +29,8 @@ RUNS = pa.schema([
 ])
 ROUNDS = pa.schema([
     ("round", pa.int32()), ("num_selected", pa.int32()), ("num_updates", pa.int32()),
-    ("train_loss", pa.float64()), ("test_loss", pa.float64()), ("test_accuracy", pa.float64()),
+    ("num_byzantine", pa.int32()), ("train_loss", pa.float64()), ("test_loss", pa.float64()),
+    ("test_accuracy", pa.float64()),
     ("mean_update_norm", pa.float64()), ("round_wall_s", pa.float64()),
     ("train_wall_s", pa.float64()), ("aggregate_wall_s", pa.float64()),
     ("eval_wall_s", pa.float64()), ("wall_time_s", pa.float64()),
@@ -39,7 +40,7 @@ CLIENTS = pa.schema([
     ("round", pa.int32()), ("client_id", pa.int64()), ("pool", pa.int32()),
     ("status", pa.string()), ("num_samples", pa.int32()), ("local_steps", pa.int32()),
     ("train_loss", pa.float32()), ("update_norm", pa.float32()), ("weight", pa.float32()),
-    ("pool_train_s", pa.float32()),
+    ("pool_train_s", pa.float32()), ("byzantine", pa.bool_()),
 ])
 
 
@@ -63,6 +64,7 @@ class RoundRows(NamedTuple):
     round: np.ndarray
     num_selected: np.ndarray
     num_updates: np.ndarray
+    num_byzantine: np.ndarray  # updates replaced or poisoned by attackers
     train_loss: np.ndarray
     test_loss: np.ndarray  # NaN where not evaluated -> null
     test_accuracy: np.ndarray
@@ -86,6 +88,7 @@ class ClientRows(NamedTuple):
     update_norm: np.ndarray
     weight: np.ndarray
     pool_train_s: np.ndarray
+    byzantine: np.ndarray  # the client is an attacker (its update_norm is what it sent)
 
 
 # Flush order: a round's row is written after its clients' rows, so a round present in

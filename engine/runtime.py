@@ -18,6 +18,8 @@ import torch
 
 from engine.config import ConfigError
 from engine.pool import ClientPool, PoolResult, PoolSpec
+from engine.training import pin_torch_arithmetic
+from policies.parallel import ChunkMap, serial_map
 from scenarios.task import FederatedTask
 
 
@@ -33,6 +35,7 @@ class RuntimeOptions:
 class Pools(Protocol):
     num_pools: int
     bounds: np.ndarray  # [num_pools + 1] client id boundaries of the shards
+    chunk_map: ChunkMap  # how holistic aggregation kernels run (policies/parallel.py)
 
     def train(self, params: torch.Tensor, selected: np.ndarray, round_idx: int,
               pre_reduce: bool) -> list[PoolResult]: ...
@@ -54,6 +57,7 @@ class InlinePools:
     def __init__(self, task: FederatedTask, spec: PoolSpec, num_pools: int) -> None:
         self.num_pools = num_pools
         self.bounds = shard_bounds(task.num_clients, num_pools)
+        self.chunk_map = serial_map
         self._pools = [ClientPool(spec, task.shard(a, b))
                        for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
 
@@ -74,6 +78,7 @@ class RayPools:
         self.num_pools = num_pools
         self.bounds = shard_bounds(task.num_clients, num_pools)
         cpus = float(ray.cluster_resources().get("CPU", 1))
+        self.chunk_map = RayChunkMap(workers=max(1, int(cpus)))
         actor = ray.remote(ClientPool).options(num_cpus=min(1.0, cpus / num_pools),
                                                runtime_env={"env_vars": POOL_ENV})
         spec_ref = ray.put(spec)
@@ -94,6 +99,43 @@ class RayPools:
         for actor in self._actors:
             self._ray.kill(actor)
         self._actors.clear()
+
+
+class RayChunkMap:
+    """Runs the column chunks of a holistic aggregation as parallel Ray tasks.
+
+    The [K, P] stack is put in the object store once (kept for the next kernel call on the
+    same tensor, e.g. gram then combine) and split into one contiguous group of chunks per
+    worker. Chunk widths are fixed by policies/parallel.py, so the results are the serial
+    map's bits. Stacks under `min_elements` stay in-process: shipping them costs more.
+    The tasks ask for no CPU: pool actors hold the CPUs and sit idle while the driver
+    aggregates.
+    """
+
+    def __init__(self, workers: int, min_elements: int = 1 << 24) -> None:
+        import ray
+
+        self._ray, self.workers, self.min_elements = ray, workers, min_elements
+        self._task = ray.remote(num_cpus=0)(_run_chunks)
+        self._cached: tuple[torch.Tensor, int, object] | None = None
+
+    def __call__(self, fn, x, spans):
+        if x.numel() < self.min_elements or len(spans) == 1:
+            return serial_map(fn, x, spans)
+        ref = self._put(x)
+        groups = [g for g in np.array_split(np.arange(len(spans)), self.workers) if g.size]
+        futures = [self._task.remote(fn, ref, [spans[i] for i in g]) for g in groups]
+        return [out for part in self._ray.get(futures) for out in part]
+
+    def _put(self, x: torch.Tensor):
+        if self._cached is None or self._cached[0] is not x or self._cached[1] != x._version:
+            self._cached = (x, x._version, self._ray.put(x.numpy()))
+        return self._cached[2]
+
+
+def _run_chunks(fn, x: np.ndarray, spans) -> list[torch.Tensor]:
+    pin_torch_arithmetic()
+    return [fn(torch.from_numpy(np.ascontiguousarray(x[:, lo:hi]))) for lo, hi in spans]
 
 
 # In a Ray worker, glibc hands freed multi-MB tensors back to the kernel and every new one

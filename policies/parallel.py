@@ -34,7 +34,8 @@ class ChunkMap(Protocol):
 
 
 def serial_map(fn: ChunkFn, x: torch.Tensor, spans: list[Span]) -> list[torch.Tensor]:
-    return [fn(x[:, lo:hi]) for lo, hi in spans]
+    """Chunks one after another, each as a contiguous copy (as a parallel map sees them)."""
+    return [fn(x[:, lo:hi].contiguous()) for lo, hi in spans]
 
 
 _MAP: ContextVar[ChunkMap] = ContextVar("chunk_map", default=serial_map)

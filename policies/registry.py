@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from pydantic import ValidationError, validate_call
-
-from engine.config import ConfigError, StageSpec
+from engine.config import ConfigError, StageSpec, call_validated
 from policies import optimizers, robust, transforms
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
@@ -68,17 +66,6 @@ def resolve(name: str, where: str) -> Factory:
     return factory
 
 
-def _instantiate(factory: Factory, spec: StageSpec, where: str) -> Aggregator:
-    try:
-        return validate_call(factory)(**spec.kwargs)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = "unknown parameter" if "unexpected" in first["type"] else first["msg"]
-        got = first.get("input")
-        raise ConfigError(f"{where}.{spec.name}.{key}: {msg} (got {got!r})") from None
-
-
 def pools_may_reduce(specs: list[StageSpec]) -> bool:
     """True when the chain starts with a decomposable reduction: pools then send partial sums
     of weights * deltas (hierarchical aggregation) instead of every client's delta."""
@@ -94,6 +81,6 @@ def build_aggregator(specs: list[StageSpec]) -> Aggregator:
             "aggregation: a chain is transforms, then exactly one reduction or aggregator, "
             f"then optimizers; got kinds {[f.stage_kind for f in factories]}"
         )
-    stages = [_instantiate(f, s, f"aggregation[{i}]") for i, (f, s) in
+    stages = [call_validated(f, s.kwargs, f"aggregation[{i}].{s.name}") for i, (f, s) in
               enumerate(zip(factories, specs, strict=True))]
     return stages[0] if len(stages) == 1 else chain(*stages)

@@ -15,6 +15,7 @@ import math
 from functools import partial
 from typing import Annotated
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -41,16 +42,25 @@ def byzantine_count(f: int | None, k: int, rule: str, most: int) -> int:
     return f
 
 
+def sorted_columns(chunk: torch.Tensor) -> torch.Tensor:
+    """[w, K]: row j holds column j of the chunk in ascending order. Sorting contiguous rows
+    with NumPy is ~10x faster than torch.sort along dim 0 (measured on [1000, 32768])."""
+    return torch.from_numpy(np.sort(chunk.T.contiguous().numpy(), axis=1))
+
+
+def _median_of_sorted(st: torch.Tensor) -> torch.Tensor:
+    """The median of each row of st [w, K] (the mean of the two middle values when K is even)."""
+    k = st.shape[1]
+    return st[:, k // 2] if k % 2 else (st[:, k // 2 - 1] + st[:, k // 2]) / 2
+
+
 def _median_rows(chunk: torch.Tensor) -> torch.Tensor:
-    """The median of each column (the mean of the two middle values when K is even)."""
-    s = chunk.sort(dim=0).values
-    k = s.shape[0]
-    return s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
+    return _median_of_sorted(sorted_columns(chunk))
 
 
 def _trimmed_rows(chunk: torch.Tensor, b: int) -> torch.Tensor:
-    s = chunk.sort(dim=0).values
-    return s[b : s.shape[0] - b].mean(dim=0)
+    st = sorted_columns(chunk)
+    return st[:, b : st.shape[1] - b].mean(dim=1)
 
 
 @stage("reduction")
@@ -172,9 +182,10 @@ def centered_clipping(tau: Annotated[float, Field(gt=0)] = 1.0,
 
 def _closest_to_median(chunk: torch.Tensor, beta: int) -> torch.Tensor:
     """Per column, the mean of the beta values closest to the column's median."""
-    gap = (chunk - _median_rows(chunk)).abs()
-    nearest = torch.argsort(gap, dim=0, stable=True)[:beta]
-    return chunk.gather(0, nearest).mean(dim=0)
+    ct = chunk.T.contiguous()  # [w, theta]
+    gap = (ct - _median_rows(chunk)[:, None]).abs()
+    nearest = torch.from_numpy(np.argsort(gap.numpy(), axis=1, kind="stable")[:, :beta])
+    return ct.gather(1, nearest).mean(dim=1)
 
 
 @stage("reduction")

@@ -35,5 +35,5 @@ def small_config(**sections) -> ExperimentConfig:
         "training": {"executor": "vmap", "local_epochs": 2, "batch_size": 8, "lr": 0.1},
     }
     for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return build_config(raw)

@@ -46,7 +46,21 @@ def test_quickstart_as_in_readme_then_analyze(tmp_path):
     assert "final_accuracy" in summary.stdout and f"{accuracy:.3f}" in summary.stdout
 
 
+def test_byzantine_command_from_the_issue_then_analyze(tmp_path):
+    """The policy-library command as a user types it (Ray backend); analyze names both sides."""
+    done = run("configs/byzantine_alie.yaml", "aggregation=trimmed_mean", "attack.kind=alie",
+               "attack.fraction=0.2", "rounds=20", "--log-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = run("analyze", str(tmp_path / "byzantine"))
+    assert summary.returncode == 0, summary.stderr
+    row = summary.stdout.splitlines()[2]
+    assert "trimmed_mean" in row and "alie@0.2" in row
+
+
 @pytest.mark.parametrize("args, message", [
+    (["configs/quickstart.yaml", "attack.kind=nope"], "attack.kind: unknown attack 'nope'"),
+    (["configs/quickstart.yaml", "aggregation={krum: {f: -1}}"],
+     "aggregation[0].krum.f: Input should be greater than or equal to 0"),
     (["configs/missing.yaml"], "configs/missing.yaml: config file not found"),
     (["configs/quickstart.yaml", "populaton.num_clients=5"], "populaton: unknown key"),
     (["configs/quickstart.yaml", "rounds=ten"], "rounds: Input should be a valid integer"),

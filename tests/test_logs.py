@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 def _round_rows(r: int, acc: float) -> RoundRows:
     one = lambda v: np.array([v])  # noqa: E731
-    return RoundRows(*(one(v) for v in [r, 5, 5, 0.5, acc, acc, 1.0, 0.1, 0.1, 0.0, 0.0,
+    return RoundRows(*(one(v) for v in [r, 5, 5, 0, 0.5, acc, acc, 1.0, 0.1, 0.1, 0.0, 0.0,
                                         0.1 * r, 50.0]))
 
 

@@ -143,3 +143,17 @@ def test_contract_pre_reduced_equals_full_stack(name, sample):
              for lo, hi in [(0, 2), (2, 3), (3, 7)]]
     pre = sample._replace(deltas=None, weighted_sums=TreeSums.concat(parts))
     assert torch.equal(agg.update(pre, agg.init(torch.zeros(11)))[0], full)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract_chunked_ray_tasks_equal_single_process(name, sample, ray_cluster):
+    """Chunks of the [K, P] stack sent to parallel Ray tasks give the in-process bits."""
+    from engine.runtime import RayChunkMap
+    from policies import parallel
+
+    agg = complete(name)
+    with parallel.chunk_map(parallel.serial_map, chunk_columns=3):
+        local, _ = agg.update(sample, agg.init(torch.zeros(11)))
+    with parallel.chunk_map(RayChunkMap(workers=2, min_elements=0), chunk_columns=3):
+        remote, _ = agg.update(sample, agg.init(torch.zeros(11)))
+    assert torch.equal(remote, local)
