@@ -159,6 +159,8 @@ def build_adversary(cfg: AttackConfig, num_clients: int, rng: np.random.Generato
                     ) -> Adversary | None:
     """None without an attack; else exactly round(fraction * N) Byzantine clients."""
     if cfg.kind == "none":
+        if cfg.params:
+            raise ConfigError(f"attack.{next(iter(cfg.params))}: set attack.kind to use it")
         return None
     if cfg.kind not in ATTACKS:
         allowed = ", ".join(["none", *sorted(ATTACKS)])

@@ -87,6 +87,7 @@ def test_label_flip_poisons_exactly_the_attackers_rows():
     ({"kind": "nope"}, "attack.kind: unknown attack 'nope'; allowed: none, alie"),
     ({"kind": "alie", "zz": 1}, "attack.zz: unknown parameter"),
     ({"kind": "ipm", "epsilon": -1}, "attack.epsilon: Input should be greater than 0"),
+    ({"scale": 4}, "attack.scale: set attack.kind to use it"),
 ])
 def test_bad_attack_configs(attack, message):
     with pytest.raises(ConfigError, match=message):
