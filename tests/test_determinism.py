@@ -78,3 +78,19 @@ def test_a_different_seed_differs(tmp_path):
     assert not torch.equal(a.loop.params, b.loop.params)
     rounds = read_table(tmp_path / "test", "rounds")
     assert pc.count_distinct(rounds["run_id"]).as_py() == 2
+
+
+@pytest.mark.parametrize("attack, aggregation", [
+    ({"kind": "alie", "fraction": 0.25}, [{"bulyan": {"f": 1}}]),
+    ({"kind": "gaussian", "fraction": 0.25}, ["nnm", "geometric_median", "server_adam"]),
+])
+def test_attacks_and_holistic_rules_do_not_depend_on_layout(tmp_path, ray_cluster, attack,
+                                                             aggregation):
+    """Attacks see id-ordered updates and seeded draws; holistic rules get the full stack."""
+    models = []
+    for options in [RuntimeOptions("inline"), RuntimeOptions("ray", pools=2),
+                    RuntimeOptions("inline", pools=3)]:
+        cfg = small_config(rounds=3, attack=attack, aggregation=aggregation,
+                           population={"participation": {"clients_per_round": 8}})
+        models.append(run_experiment(cfg, options, tmp_path, False).loop.params)
+    assert all(torch.equal(models[0], m) for m in models[1:])
