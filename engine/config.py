@@ -59,9 +59,19 @@ class SyntheticConfig(_Strict):
     quantity_sigma: float = Field(0.0, ge=0, description="lognormal spread of per-client counts")
 
 
+class SupermaskConfig(_Strict):
+    """A supermask model (scenarios/supermask.py): fixed random weights, one trained score per
+    weight, and each layer uses only its top `keep` fraction of edges (FRL's k)."""
+
+    keep: float = Field(0.5, gt=0, le=1, description="fraction of each layer's edges kept")
+    by_magnitude: bool = Field(True, description="rank edges by |score| (FRL's code), "
+                                                 "else by the signed score (FRL's paper text)")
+
+
 class ModelConfig(_Strict):
     kind: Literal["logistic", "mlp", "cnn"] = "mlp"
     hidden: list[Annotated[int, Field(ge=1)]] = [64]
+    supermask: SupermaskConfig | None = None  # None: a dense model whose weights train
 
 
 class TaskConfig(_Strict):

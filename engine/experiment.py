@@ -30,9 +30,15 @@ from engine.runtime import Pools, RuntimeOptions, make_pools
 from engine.seeds import SeedTree
 from engine.training import LocalSGD, pin_torch_arithmetic
 from engine.world import SyncWorld
-from policies.registry import build_aggregator, build_consensus, pools_may_reduce
+from policies.registry import (
+    build_aggregator,
+    build_consensus,
+    pools_compute_fisher,
+    pools_may_reduce,
+)
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.failures import Liveness, peer_faults_configured
+from scenarios.models import ModelSpec
 from scenarios.network import Network
 from scenarios.population import clients_per_round
 from scenarios.task import FederatedTask, build_task
@@ -71,11 +77,12 @@ class _Parts:
 
 def _build(cfg: ExperimentConfig) -> _Parts:
     """Policies, the world and the task: they fail on bad configs before Ray starts."""
-    mode = FederatedMode(cfg) if cfg.mode == "federated" else DecentralizedMode(cfg)
     seeds = SeedTree(cfg.seed)
     adversary = build_adversary(cfg.attack, cfg.population.num_clients, seeds.rng("byzantine"),
                                 cfg.mode)
     task = build_task(cfg, seeds)
+    mode = (FederatedMode(cfg, task.model) if cfg.mode == "federated"
+            else DecentralizedMode(cfg))
     if adversary is not None:
         task = adversary.poison(task)
     params = init_params(task.model.build, seeds.integer("init"))
@@ -86,7 +93,8 @@ def _build(cfg: ExperimentConfig) -> _Parts:
     hp = LocalSGD(t.local_epochs, batch, t.lr, t.momentum, t.prox_mu, t.max_local_steps,
                   t.min_local_steps, t.scaffold)
     world = mode.world(seeds, task, hp, params)
-    spec = PoolSpec(task.model, hp, cfg.training.executor, cfg.seed, cfg.training.compression)
+    spec = PoolSpec(task.model, hp, cfg.training.executor, cfg.seed, cfg.training.compression,
+                    fisher=cfg.mode == "federated" and pools_compute_fisher(cfg.aggregation))
     return _Parts(mode, seeds, adversary, task, world, params, spec)
 
 
@@ -132,9 +140,10 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
 class FederatedMode:
     """Server-based rounds: an aggregation chain over the selected clients' updates."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, model: ModelSpec) -> None:
         self.cfg = cfg
-        self.aggregator = build_aggregator(cfg.aggregation, cfg.population.num_clients)
+        self.aggregator = build_aggregator(cfg.aggregation, cfg.population.num_clients,
+                                           model.supermask_layers())
         mode = cfg.server.mode
         if mode != "sync" and (cfg.attack.kind != "none" or cfg.training.scaffold
                                or [s.name for s in cfg.aggregation] != ["fedavg"]):

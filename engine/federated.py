@@ -186,7 +186,7 @@ def _client_rows(plan: RoundPlan, results: list[PoolResult], bounds: np.ndarray,
         round=np.full(ids.size, plan.round), client_id=ids, pool=pool_of(bounds, ids),
         status=plan.status.astype(str),
         num_samples=setup.world.sizes[ids],
-        local_steps=np.where(kept, column(lambda res: res.steps.numpy(), 0, np.int64),
+        local_steps=np.where(kept, column(lambda res: res.updates.steps.numpy(), 0, np.int64),
                              plan.steps),  # what the pools ran, where they ran
         train_loss=column(lambda res: res.updates.losses.numpy()),
         update_norm=norms,

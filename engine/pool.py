@@ -17,6 +17,7 @@ from engine.params import ParamSpec, flatten_module
 from engine.seeds import SeedTree
 from engine.training import (
     EXECUTORS,
+    DiagonalFisher,
     LocalSGD,
     Trained,
     batch_plan,
@@ -45,12 +46,12 @@ class PoolSpec:
     executor: str
     seed: int
     compression: CompressionConfig = CompressionConfig()  # applied to each client's delta
+    fisher: bool = False  # clients also return their local model's diagonal Fisher
 
 
 @dataclass(frozen=True)
 class PoolResult:
-    updates: Updates
-    steps: torch.Tensor  # [k] SGD steps per client
+    updates: Updates  # with each client's SGD steps in `updates.steps`
     update_norms: torch.Tensor  # [k] L2 norm of each client's delta
     train_s: float  # wall seconds of this pool's call
     control_sums: TreeSums | None = None  # SCAFFOLD: this pool's part of sum_i delta c_i
@@ -61,7 +62,7 @@ class PoolResult:
         sums = self.updates.weighted_sums
         return {"columns": [_array(c) for c in self.updates.per_client()],
                 "sums": _sums_arrays(sums),
-                "steps": self.steps.numpy(), "norms": self.update_norms.numpy(),
+                "norms": self.update_norms.numpy(),
                 "train_s": self.train_s, "controls": _sums_arrays(self.control_sums)}
 
     def __setstate__(self, state: dict) -> None:
@@ -69,7 +70,6 @@ class PoolResult:
         updates = Updates(*map(_tensor, state["columns"]), weighted_sums=sums)
         object.__setattr__(self, "control_sums", _sums_tensors(state["controls"]))
         object.__setattr__(self, "updates", updates)
-        object.__setattr__(self, "steps", _tensor(state["steps"]))
         object.__setattr__(self, "update_norms", _tensor(state["norms"]))
         object.__setattr__(self, "train_s", state["train_s"])
 
@@ -104,6 +104,13 @@ class ClientPool:
         self.seeds = SeedTree(spec.seed)
         model = spec.model.build()
         self.executor = EXECUTORS[spec.executor](model, ParamSpec.of(model))
+        self.fisher = DiagonalFisher(model, ParamSpec.of(model)) if spec.fisher else None
+        # each client's training labels per class, sent with its update (FedDisco's input)
+        owner = np.repeat(np.arange(self.client_ids.size), np.diff(self.offsets))
+        classes = spec.model.num_classes
+        self.label_counts = torch.from_numpy(np.bincount(
+            owner * classes + np.asarray(shard.y, dtype=np.int64),
+            minlength=self.client_ids.size * classes).reshape(-1, classes))
         # SCAFFOLD's client control variates c_i, one row per client of the shard
         size = ParamSpec.of(model).size
         self.controls = torch.zeros(self.client_ids.size, size) if spec.hp.scaffold else None
@@ -141,6 +148,8 @@ class ClientPool:
         correction = None if c is None else c[None, :] - self.controls[local]
         out, counts = self.local_training(params, client_ids, round_idx, correction=correction,
                                           budgets=budgets)
+        fisher = None if self.fisher is None else self.fisher(
+            params + out.deltas, self.x, self.offsets[local.numpy()], counts)
         control_sums = None if c is None else self._update_controls(local, c, out, client_ids)
         deltas = self._compress(local, out.deltas, client_ids, round_idx)
         updates = Updates(
@@ -149,11 +158,14 @@ class ClientPool:
             client_ids=torch.from_numpy(np.array(client_ids, dtype=np.int64)),
             losses=out.losses.float(),
             num_samples=torch.from_numpy(counts.astype(np.int64)),
+            steps=out.steps.to(torch.int64),
+            label_counts=self.label_counts[local],
+            fisher=fisher,
         )
         norms = torch.linalg.vector_norm(deltas, dim=1)
         if pre_reduce:
             updates = updates._replace(deltas=None, weighted_sums=self._partial_sums(updates))
-        return PoolResult(updates, out.steps, norms, time.perf_counter() - start, control_sums)
+        return PoolResult(updates, norms, time.perf_counter() - start, control_sums)
 
     def _compress(self, local: torch.Tensor, deltas: torch.Tensor, client_ids: np.ndarray,
                   round_idx: int) -> torch.Tensor:

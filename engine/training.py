@@ -18,7 +18,7 @@ import torch
 import torch._dynamo  # noqa: E402, F401
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, jacrev, vmap
 
 from engine.params import ParamSpec
 from engine.seeds import keyed_permutations
@@ -165,6 +165,39 @@ def _buffers(weights: torch.Tensor, hp: LocalSGD, momentum: torch.Tensor | None)
     if hp.momentum == 0:
         return None
     return torch.zeros_like(weights) if momentum is None else momentum.clone()
+
+
+class DiagonalFisher:
+    """The diagonal Fisher information of each client's local model on its own training data,
+    as Fisher merging uses it (Matena & Raffel, 2022, "Merging Models with Fisher-Weighted
+    Averaging"; their code takes the exact expectation over the model's predictive
+    distribution, not sampled or true labels):
+        F_c = (1 / n_c) sum_{x in D_c} sum_y p(y | x) (d log p(y | x) / d w_c)^2.
+    Per-example Jacobians of the log-probabilities (torch.func) in blocks of `block` examples,
+    so memory stays [block, classes, P]."""
+
+    def __init__(self, model: nn.Module, spec: ParamSpec, block: int = 64) -> None:
+        def log_probs(flat, x):
+            return torch.log_softmax(functional_call(model, spec.unflatten(flat), (x,)), dim=-1)
+
+        self._log_probs = log_probs
+        self._jacobians = vmap(jacrev(lambda flat, x: log_probs(flat, x[None])[0]),
+                               in_dims=(None, 0))
+        self.block = block
+
+    def __call__(self, weights: torch.Tensor, x: torch.Tensor, offsets: np.ndarray,
+                 counts: np.ndarray) -> torch.Tensor:
+        """weights [C, P]: client c's local model; its data are x[offsets[c]:+counts[c]]."""
+        out = torch.zeros_like(weights)
+        for c, (w, lo, n) in enumerate(zip(weights, offsets, counts, strict=True)):
+            for a in range(int(lo), int(lo + n), self.block):
+                xb = x[a: min(a + self.block, int(lo + n))]
+                with torch.no_grad():
+                    p = self._log_probs(w, xb).exp()  # [b, classes]
+                jac = self._jacobians(w, xb)  # [b, classes, P]
+                out[c] += torch.einsum("bk,bkp->p", p, jac.square())
+            out[c] /= max(int(n), 1)
+        return out
 
 
 class LoopExecutor:

@@ -36,6 +36,9 @@ class Updates(NamedTuple):
     client_ids: torch.Tensor  # [K] int64
     losses: torch.Tensor  # [K] float32 mean local training loss
     num_samples: torch.Tensor  # [K] int64 local training samples
+    steps: torch.Tensor | None = None  # [K] int64 local SGD steps taken
+    label_counts: torch.Tensor | None = None  # [K, classes] int64 local training labels
+    fisher: torch.Tensor | None = None  # [K, P] float32 diagonal Fisher of the local model
     weighted_sums: TreeSums | None = None
 
     @property
@@ -43,7 +46,7 @@ class Updates(NamedTuple):
         return int(self.client_ids.numel())
 
     def per_client(self) -> tuple[torch.Tensor | None, ...]:
-        return self[:5]
+        return self[:8]
 
     def take(self, index: torch.Tensor) -> Updates:
         """Rows `index` of the per-client columns (partial sums are kept as they are)."""

@@ -12,12 +12,13 @@ import inspect
 from collections.abc import Callable
 
 from engine.config import ConfigError, StageSpec, call_validated
-from policies import gossip, optimizers, robust, transforms
+from policies import gossip, optimizers, robust, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
 from policies.consensus import Consensus
 from policies.fedau import fedau
 from policies.flag import flag_aggregator
+from policies.frl import frl
 from policies.privacy import dp_gaussian
 
 Factory = Callable[..., Aggregator]
@@ -34,10 +35,16 @@ AGGREGATION: dict[str, Factory] = {
     "bulyan": robust.bulyan,
     "flag_aggregator": flag_aggregator,
     "dp_gaussian": dp_gaussian,
+    "fisher_merge": weighting.fisher_merge,
     # transforms
     "clip_per_client": transforms.clip_per_client,
     "nnm": transforms.nnm,
     "bucketing": transforms.bucketing,
+    # weightings (transforms that set each client's weight)
+    "uniform_weights": weighting.uniform_weights,
+    "sample_weights": weighting.sample_weights,
+    "feddisco": weighting.feddisco,
+    "mwa": weighting.mwa,
     # server optimizers
     "server_sgd": server_sgd,
     "server_momentum": optimizers.server_momentum,
@@ -50,6 +57,7 @@ AGGREGATION: dict[str, Factory] = {
     "fedavgm": optimizers.fedavgm,
     "fedadam": optimizers.fedadam,
     "fedau": fedau,
+    "frl": frl,
 }
 
 CONSENSUS: dict[str, Callable[..., Consensus]] = {
@@ -91,29 +99,54 @@ def pools_may_reduce(specs: list[StageSpec]) -> bool:
     return bool(getattr(resolve(specs[0].name, "aggregation[0]"), "decomposable", False))
 
 
-def _population_kwargs(factory: Factory, spec: StageSpec, num_clients: int | None,
-                       where: str) -> dict:
-    """A stage parameter named `num_clients` is the population size: filled in here, never
-    written in the config."""
-    if "num_clients" not in inspect.signature(factory).parameters:
-        return spec.kwargs
-    if "num_clients" in spec.kwargs:
-        raise ConfigError(f"{where}.num_clients: set by the population, not in the config")
-    return spec.kwargs if num_clients is None else {**spec.kwargs, "num_clients": num_clients}
+def pools_compute_fisher(specs: list[StageSpec]) -> bool:
+    """True when a stage of the chain merges with Fisher weights (clients then return their
+    local model's diagonal Fisher)."""
+    return any(getattr(resolve(s.name, f"aggregation[{i}]"), "needs_fisher", False)
+               for i, s in enumerate(specs))
 
 
-def build_aggregator(specs: list[StageSpec], num_clients: int | None = None) -> Aggregator:
-    """Validate the chain's order and parameters, then compose it. `num_clients` (the
-    population size) fills the parameter of that name of stages that have one (e.g. fedau)."""
-    factories = [resolve(s.name, f"aggregation[{i}]") for i, s in enumerate(specs)]
+# Stage parameters the engine sets, never the config, and where their values come from.
+_ENGINE_SET = {"num_clients": "population", "supermask_layers": "model"}
+
+
+def _engine_kwargs(factory: Factory, spec: StageSpec, engine: dict[str, object],
+                   where: str) -> dict:
+    """Fill the stage's parameters named in _ENGINE_SET: `num_clients` (the population size),
+    `supermask_layers` (the edges of each layer of a supermask model, () for a dense one).
+    A None value leaves the factory's default."""
+    kwargs = dict(spec.kwargs)
+    for name in sorted(engine.keys() & inspect.signature(factory).parameters.keys()):
+        if name in spec.kwargs:
+            raise ConfigError(f"{where}.{name}: set by the {_ENGINE_SET[name]}, "
+                              "not in the config")
+        if engine[name] is not None:
+            kwargs[name] = engine[name]
+    return kwargs
+
+
+def _check_order(factories: list[Factory]) -> None:
     ranks = [_RANK[f.stage_kind] for f in factories]
     if ranks != sorted(ranks) or ranks.count(1) != 1:
         raise ConfigError(
             "aggregation: a chain is transforms, then exactly one reduction or aggregator, "
             f"then optimizers; got kinds {[f.stage_kind for f in factories]}"
         )
+    if any(getattr(f, "sets_global_model", False) for f in factories[:-1]):
+        raise ConfigError("aggregation: a stage that sets the global model itself (frl) must "
+                          "be the last one: no optimizer after it")
+
+
+def build_aggregator(specs: list[StageSpec], num_clients: int | None = None,
+                     supermask_layers: tuple[int, ...] | None = None) -> Aggregator:
+    """Validate the chain's order and parameters, then compose it. `num_clients` (the
+    population size) and `supermask_layers` (ModelSpec.supermask_layers) fill the parameters
+    of those names of stages that have one (fedau, frl)."""
+    factories = [resolve(s.name, f"aggregation[{i}]") for i, s in enumerate(specs)]
+    _check_order(factories)
+    engine = {"num_clients": num_clients, "supermask_layers": supermask_layers}
     wheres = [f"aggregation[{i}].{s.name}" for i, s in enumerate(specs)]
-    stages = [call_validated(f, _population_kwargs(f, s, num_clients, where), where)
+    stages = [call_validated(f, _engine_kwargs(f, s, engine, where), where)
               for f, s, where in zip(factories, specs, wheres, strict=True)]
     return stages[0] if len(stages) == 1 else chain(*stages)
 

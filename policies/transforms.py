@@ -56,7 +56,8 @@ def bucketing(bucket_size: Annotated[int, Field(ge=1)] = 2, seed: int = 0) -> Ag
     """Bucketing (Karimireddy et al., 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
     via Bucketing"): shuffle the K updates at random and average them in buckets of
     `bucket_size`, giving ceil(K / bucket_size) updates for the robust reduction that follows.
-    A bucket's weight and sample count are its members' sums, its id the lowest member id.
+    A bucket's weight, sample count, steps and label counts are its members' sums, its Fisher
+    their mean, its id the lowest member id.
     The shuffle is keyed by (seed, round), over updates ordered by client id."""
 
     def init(params: torch.Tensor) -> tuple[torch.Tensor]:
@@ -79,8 +80,11 @@ def _merge_buckets(u: Updates, x: torch.Tensor, bucket: torch.Tensor) -> Updates
     members[bucket, torch.arange(x.shape[0])] = 1.0
     size = members.sum(dim=1)
 
-    def summed(column: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n, dtype=column.dtype).index_add_(0, bucket, column)
+    def summed(column: torch.Tensor | None) -> torch.Tensor | None:
+        if column is None:
+            return None
+        return torch.zeros((n, *column.shape[1:]), dtype=column.dtype).index_add_(0, bucket,
+                                                                                  column)
 
     ids = torch.full((n,), torch.iinfo(torch.int64).max).scatter_reduce_(
         0, bucket, u.client_ids, "amin")
@@ -88,5 +92,7 @@ def _merge_buckets(u: Updates, x: torch.Tensor, bucket: torch.Tensor) -> Updates
         deltas=parallel.combine(members / size[:, None], x),
         weights=summed(u.weights), client_ids=ids,
         losses=(summed(u.losses.double()) / size).float(), num_samples=summed(u.num_samples),
+        steps=summed(u.steps), label_counts=summed(u.label_counts),
+        fisher=None if u.fisher is None else parallel.combine(members / size[:, None], u.fisher),
     )
     return merged.take(torch.argsort(ids))

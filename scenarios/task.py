@@ -51,6 +51,7 @@ def build_task(cfg: ExperimentConfig, seeds: SeedTree) -> FederatedTask:
     n = cfg.population.num_clients
     data = load_dataset(cfg.task, n, seeds.rng("data"))
     owner = partition(data.y_train, n, cfg.partition, seeds.rng("partition"), data.owner_train)
-    model = ModelSpec(cfg.task.model, data.input_shape, data.num_classes)
+    model = ModelSpec(cfg.task.model, data.input_shape, data.num_classes,
+                      weight_seed=seeds.integer("supermask_weights"))
     model.build()  # fail early on an architecture that does not fit the data
     return FederatedTask(data=data, owner=owner, model=model, num_clients=n)

@@ -149,7 +149,8 @@ def test_fedcompass_follows_the_hand_worked_schedule(tmp_path, monkeypatch):
 
     def spy(self, params, selected, round_idx, pre_reduce, control=None, budgets=None):
         results = train(self, params, selected, round_idx, pre_reduce, control, budgets)
-        trained.append((budgets.tolist(), np.concatenate([r.steps for r in results]).tolist()))
+        steps = np.concatenate([r.updates.steps for r in results])
+        trained.append((budgets.tolist(), steps.tolist()))
         return results
 
     monkeypatch.setattr(InlinePools, "train", spy)

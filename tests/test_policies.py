@@ -12,11 +12,16 @@ from policies.registry import AGGREGATION, build_aggregator
 
 
 def updates(deltas, weights, ids=None):
+    """Updates with every per-client column a pool sends (steps, label counts, Fisher) filled
+    with values derived from the deltas, so weightings have all they read."""
     deltas = torch.tensor(deltas, dtype=torch.float32)
     k = deltas.shape[0]
     ids = torch.arange(k) if ids is None else torch.tensor(ids)
-    return Updates(deltas, torch.tensor(weights, dtype=torch.float32), ids, torch.zeros(k),
-                   torch.tensor(weights, dtype=torch.int64))
+    n = torch.tensor(weights, dtype=torch.int64)
+    labels = torch.stack([n, (ids * 7) % 5 + 1], dim=1)
+    return Updates(deltas, torch.tensor(weights, dtype=torch.float32), ids,
+                   deltas.abs().mean(dim=1) if k else torch.zeros(0), n, steps=n // 4 + 1,
+                   label_counts=labels, fisher=deltas.square() + 0.01)
 
 
 def test_fedavg_known_values():

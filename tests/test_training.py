@@ -109,7 +109,8 @@ def test_vmap_and_loop_executors_agree():
     (vmap_pool, params), (loop_pool, _) = _pool("vmap"), _pool("loop")
     ids = np.array([0, 3, 4, 9, 17])
     a, b = vmap_pool.train(params, ids, 2), loop_pool.train(params, ids, 2)
-    assert torch.equal(a.steps, b.steps) and len(set(a.updates.num_samples.tolist())) > 1
+    assert torch.equal(a.updates.steps, b.updates.steps)
+    assert len(set(a.updates.num_samples.tolist())) > 1
     assert (a.updates.deltas - b.updates.deltas).abs().max() <= 1e-5
     assert torch.allclose(a.updates.losses, b.updates.losses, atol=1e-5)
     assert a.updates.deltas.abs().max() > 1e-3  # it trained
@@ -165,7 +166,7 @@ def test_scaffold_control_variates_follow_option_two():
     ids = np.array([2, 5, 11])
     rows = torch.from_numpy(ids)  # the shard holds clients 0..19 at rows 0..19
     first = pool.train(params, ids, 0)
-    k = first.steps.float()[:, None]
+    k = first.updates.steps.float()[:, None]
     c1 = -first.updates.deltas / (k * 0.1)
     assert torch.allclose(pool.controls[rows], c1, atol=1e-6)
     assert pool.controls[~torch.isin(torch.arange(20), rows)].abs().max() == 0
@@ -173,7 +174,7 @@ def test_scaffold_control_variates_follow_option_two():
     assert torch.allclose(total, c1.sum(dim=0), atol=1e-5)
     c = 0.01 * torch.ones(params.numel())
     second = pool.train(params, ids, 1, control=c.numpy())
-    expected = c1 - c - second.updates.deltas / (second.steps.float()[:, None] * 0.1)
+    expected = c1 - c - second.updates.deltas / (second.updates.steps.float()[:, None] * 0.1)
     assert torch.allclose(pool.controls[rows], expected, atol=1e-5)
     # the correction c - c_i moved the local steps: compare with the same round, no control
     fresh, _ = _pool("vmap", scaffold=True)
