@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError
+from engine.config import ConfigError, Diverged
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +38,9 @@ def run_command(argv: list[str]) -> int:
     from engine.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before torch and Ray load
+    from engine.logs import check_log_dir
+
+    check_log_dir(Path(args.log_dir))
     from engine.experiment import run_experiment
     from engine.runtime import RuntimeOptions
 
@@ -122,7 +125,9 @@ def sweep_command(argv: list[str]) -> int:
     from engine.sweep import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides)  # every run validated before Ray starts
-    log_dir = Path(args.log_dir) / sweep.experiment
+    from engine.logs import check_log_dir
+
+    log_dir = check_log_dir(Path(args.log_dir)) / sweep.experiment
     if args.dry_run:
         return _list_runs(sweep, log_dir)
     from engine.scheduler import InlineRunner, RayRunner, run_sweep
@@ -131,9 +136,10 @@ def sweep_command(argv: list[str]) -> int:
               RayRunner(sweep.cpus_per_run, args.address, args.max_concurrent))
     report = run_sweep(sweep, Path(args.log_dir), runner, args.retry_failed,
                        not args.no_progress)
-    done = len(report.outcomes) - len(report.failed)
-    print(f"sweep {sweep.experiment}: {report.total} runs: {done} completed, "
-          f"{len(report.failed)} failed, {report.skipped} already finished; "
+    statuses = [o.status for o in report.outcomes]
+    diverged = f"{statuses.count('diverged')} diverged, " if "diverged" in statuses else ""
+    print(f"sweep {sweep.experiment}: {report.total} runs: {statuses.count('completed')} "
+          f"completed, {diverged}{len(report.failed)} failed, {report.skipped} already finished; "
           f"{report.wall_s:.1f} s")
     print(f"  logs: {log_dir}/  (python run.py analyze {log_dir})")
     return 1 if report.failed else 0
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        print(f"diverged: {err}; the rows up to it are in the log directory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rows already flushed are kept in the log directory", file=sys.stderr)
         return 130

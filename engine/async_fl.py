@@ -38,8 +38,8 @@ import torch
 
 from engine.config import ConfigError, ServerConfig
 from engine.evaluation import Evaluator
-from engine.federated import LoopResult
-from engine.logs import ClientRows, RoundRows, RunLogger, event_rows
+from engine.federated import LoopResult, check_finite
+from engine.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
 from engine.progress import RoundProgress
 from engine.runtime import Pools, pool_of
 from engine.seeds import SeedTree
@@ -400,9 +400,11 @@ def async_rounds(setup: AsyncSetup, pools: Pools, params: torch.Tensor, evaluato
         if made:
             acc = _log_version(run, t, evaluator, (t_last, start), progress)
             accuracies.append(acc)
+            check_finite(run.server.params, "the global model is not finite after version "
+                         f"{run.server.version - 1}")
             t_last, run.version_slot = time.perf_counter(), run.slot
         run.fill(t)
-    evaluated = [a for a in accuracies if not math.isnan(a)] or [math.nan]
+    evaluated = [a for a in accuracies if a is not MISSING] or [math.nan]
     return LoopResult(run.server.params, run.server.version, evaluated[-1], max(evaluated),
                       time.perf_counter() - start, run.seq)
 
@@ -486,21 +488,21 @@ def _log_version(run: AsyncRun, t: float, evaluator: Evaluator, clocks,
     v = run.server.version - 1
     due = run.server.version == run.setup.rounds or (
         run.setup.eval_every > 0 and run.server.version % run.setup.eval_every == 0)
-    loss, acc = evaluator(run.server.params) if due else (math.nan, math.nan)
+    loss, acc = evaluator(run.server.params) if due else (MISSING, MISSING)
     rows = run.rows
     run.rows = []
     run.logger.append(_client_rows(v, rows, run))
     losses = np.array([d.loss for d in rows])
     run.logger.append(RoundRows(
         round=[v], num_selected=[len(rows)], num_updates=[len(rows)], num_byzantine=[0],
-        train_loss=[float(losses.mean()) if rows else math.nan], test_loss=[loss],
-        test_accuracy=[acc], mean_update_norm=[math.nan], round_wall_s=[now - t_last],
-        train_wall_s=[math.nan], aggregate_wall_s=[math.nan], eval_wall_s=[math.nan],
+        train_loss=[float(losses.mean()) if rows else MISSING], test_loss=[loss],
+        test_accuracy=[acc], mean_update_norm=[MISSING], round_wall_s=[now - t_last],
+        train_wall_s=[MISSING], aggregate_wall_s=[MISSING], eval_wall_s=[MISSING],
         wall_time_s=[now - start], client_updates_per_s=[len(rows) / max(now - t_last, 1e-9)],
         virtual_time=[t],
         bytes_communicated=[len(rows) * (run.setup.world.transfer + run.setup.world.upload)],
     ))
-    progress.update(acc, float(losses.mean()) if rows else math.nan,
+    progress.update(acc, float(losses.mean()) if rows else MISSING,
                     len(rows) / max(now - t_last, 1e-9))
     return acc
 
@@ -513,7 +515,7 @@ def _client_rows(v: int, rows: list[Dispatch], run: AsyncRun) -> ClientRows:
         status=np.full(ids.size, COMPLETED), num_samples=np.array([d.samples for d in rows]),
         local_steps=np.array([d.steps for d in rows]),
         train_loss=np.array([d.loss for d in rows]), update_norm=np.array(norms),
-        weight=np.ones(ids.size), pool_train_s=np.full(ids.size, np.nan),
+        weight=np.ones(ids.size), pool_train_s=np.full(ids.size, MISSING, dtype=object),
         byzantine=np.zeros(ids.size, dtype=bool), task_s=np.array([d.task_s for d in rows]),
         staleness=np.array([v - d.version for d in rows]),
         bytes_up=np.full(ids.size, run.setup.world.upload),

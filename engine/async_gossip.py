@@ -22,11 +22,13 @@ from engine.decentralized import (
     GossipSetup,
     _due,
     _evaluate,
+    check_consensus,
     consensus_summary,
+    peer_accuracy,
     peer_rows,
 )
 from engine.evaluation import Evaluator
-from engine.logs import RoundRows, RunLogger
+from engine.logs import MISSING, RoundRows, RunLogger
 from engine.progress import RoundProgress
 from engine.runtime import Pools, pool_of
 from scenarios.clocks import (
@@ -108,9 +110,10 @@ def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, network: 
         acc = _log_unit(logger, setup, r, events, scored, distance, (t0, t_eval, t1, start),
                         pools.bounds)
         accuracies.append(acc)
-        progress.update(acc, math.nan, num_steps / max(t1 - t0, 1e-9))
+        progress.update(acc, MISSING, num_steps / max(t1 - t0, 1e-9))
+        check_consensus(mean, distance, r)
         shift = mean.astype(np.float32)  # the next reference point (float32, as pools use)
-    evaluated = [a for a in accuracies if not math.isnan(a)]
+    evaluated = [a for a in accuracies if a is not MISSING]
     return GossipResult(mean, setup.rounds, evaluated[-1], max(evaluated),
                         time.perf_counter() - start, steps_total, distance)
 
@@ -118,8 +121,8 @@ def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, network: 
 def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events, scored,
               distance: float, times, bounds: np.ndarray) -> float:
     t0, t_eval, t1, start = times  # start, events processed and summed, evaluated
-    nan = math.nan
-    acc = np.array([nan]) if scored is None else scored.peers.test_accuracy
+    nan = MISSING
+    acc = None if scored is None else scored.peers.test_accuracy
     if scored is not None:
         logger.append(peer_rows(r, scored.peers, bounds, []))
     steps = int((events.kind == STEP).sum())
@@ -132,9 +135,7 @@ def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events, sco
         mean_update_norm=[nan], round_wall_s=[t1 - t0], train_wall_s=[t_eval - t0],
         aggregate_wall_s=[nan], eval_wall_s=[t1 - t_eval], wall_time_s=[t1 - start],
         client_updates_per_s=[steps / max(t1 - t0, 1e-9)], consensus_distance=[distance],
-        peer_accuracy_mean=[float(acc.mean())], peer_accuracy_min=[float(acc.min())],
-        peer_accuracy_max=[float(acc.max())],
-        gossip_messages=[messages], virtual_time=[float(r + 1)],
+        **peer_accuracy(acc), gossip_messages=[messages], virtual_time=[float(r + 1)],
         bytes_communicated=[messages * setup.model_bytes],
     ))
     return nan if scored is None else scored.mean_accuracy

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,8 +30,53 @@ class ConfigError(ValueError):
     """A bad config or bad input: the message is one line naming the key and what is allowed."""
 
 
+class Diverged(ArithmeticError):
+    """The global model (or a peer's model) is no longer finite: the run ends, `diverged`."""
+
+
+SHOWN_CHARS = 100  # an echoed value is cut to about this many characters
+MAX_CONFIG_BYTES = 1 << 20  # config and sweep files over 1 MiB are refused before parsing
+MAX_OVERRIDE_CHARS = 1 << 16  # a `key=value` argument over 64 KiB is refused before parsing
+MAX_DEPTH = 32  # YAML nesting deeper than this is refused while composing
+FLOAT32_MAX = 3.4028234663852886e38  # configs feed float32 arithmetic: larger values overflow
+INT64_MAX = 2**63 - 1
+EXPERIMENT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # one path component: no "..", no "/"
+
+
+def shown(value: Any) -> str:
+    """repr(value), cut to about SHOWN_CHARS characters for an error line."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} chars)"
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3)."""
+    """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3), refuses
+    duplicate keys (naming the key and its line) and nesting deeper than MAX_DEPTH."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"line {mark.line + 1}: nested deeper than {MAX_DEPTH} "
+                                  "levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # unhashable: construct_mapping reports it
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key "
+                                  f"{shown(key)}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -41,7 +87,32 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    """Parse YAML text; an integer too long for Python to parse is one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string"
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"not a usable value: {' '.join(str(err).split())[:SHOWN_CHARS]}"
+                          ) from None
+
+
+def check_numbers(raw: Any, where: str = "") -> None:
+    """Every number of a raw config is finite and fits what it feeds: floats within float32's
+    range (no NaN or inf), integers within int64. The first bad one is a ConfigError naming
+    its key."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            check_numbers(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            check_numbers(value, f"{where}[{i}]")
+    elif isinstance(raw, float) and not (math.isfinite(raw) and abs(raw) <= FLOAT32_MAX):
+        raise ConfigError(f"{where or 'config'}: must be a finite number within float32's "
+                          f"range (|x| <= 3.4e38), got {shown(raw)}")
+    elif isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > INT64_MAX:
+        raise ConfigError(f"{where or 'config'}: integer out of range (|x| < 2^63), got "
+                          f"{shown(raw)}")
 
 
 class _Strict(BaseModel):
@@ -390,11 +461,13 @@ Stages = Annotated[list[StageSpec], BeforeValidator(_stage_list)]
 
 
 class ExperimentConfig(_Strict):
-    experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str = Field("default", pattern=EXPERIMENT_NAME, max_length=100,
+                            description="one safe path component: the log folder's name")
     mode: Literal["federated", "decentralized"] = "federated"
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    rounds: int = Field(20, ge=1)
-    eval_every: int = Field(5, ge=0, description="rounds between evaluations; 0: last round only")
+    rounds: int = Field(20, ge=1, le=10**8)
+    eval_every: int = Field(5, ge=0, le=10**8,
+                            description="rounds between evaluations; 0: last round only")
     task: TaskConfig = TaskConfig()
     partition: PartitionConfig = PartitionConfig()
     population: PopulationConfig = PopulationConfig()
@@ -434,18 +507,22 @@ def call_validated(factory: Any, kwargs: dict[str, Any], where: str) -> Any:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         msg = "unknown parameter" if "unexpected" in first["type"] else first["msg"]
-        raise ConfigError(f"{where}.{key}: {msg} (got {first.get('input')!r})") from None
+        raise ConfigError(f"{where}.{key}: {msg} (got {shown(first.get('input'))})") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value parsed as YAML: 5000 -> int, 0.1 -> float)."""
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"override {shown(text)}: longer than {MAX_OVERRIDE_CHARS} characters")
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected key=value with a dotted key")
+        raise ConfigError(f"override {shown(text)}: expected key=value with a dotted key")
     try:
         value = _yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
     return key.split("."), value
 
 
@@ -468,11 +545,12 @@ def _error_line(err: ValidationError) -> str:
         parent, _, _ = loc.rpartition(".")
         return f"{loc}: unknown key{f' in {parent}' if parent else ''}"
     got = first.get("input")
-    shown = "" if isinstance(got, dict) or first["type"] == "missing" else f" (got {got!r})"
-    return f"{loc or 'config'}: {msg}{shown}"
+    echo = "" if isinstance(got, dict) or first["type"] == "missing" else f" (got {shown(got)})"
+    return f"{loc or 'config'}: {msg}{echo}"
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    check_numbers(raw)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
@@ -484,14 +562,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config")
     try:
-        raw = _yaml(path.read_text(encoding="utf-8")) or {}
+        raw = _yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty (a config is a mapping of keys)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     return raw

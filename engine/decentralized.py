@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from engine.config import FailuresConfig
+from engine.config import Diverged, FailuresConfig
 from engine.evaluation import Evaluator
-from engine.logs import PeerRows, RoundRows, RunLogger, event_rows
+from engine.logs import MISSING, PeerRows, RoundRows, RunLogger, event_rows
 from engine.peers import MixPlan, MixStats, PeerScores, PeerTrainStats
 from engine.progress import RoundProgress
 from engine.runtime import Pools, pool_of
@@ -158,9 +158,11 @@ def decentralized_rounds(setup: GossipSetup, pools: Pools, network: Network,
         acc = _log_round(logger, setup, r, trained, scored, losses, distance, messages, times,
                          pools.bounds)
         accuracies.append(acc)
-        progress.update(acc, float(losses.mean()), len(losses) / max(times[3] - t0, 1e-9))
+        progress.update(acc, float(losses.mean()) if losses.size else MISSING,
+                        len(losses) / max(times[3] - t0, 1e-9))
+        check_consensus(mean, distance, r)
         shift = mean.astype(np.float32)  # the next reference point (float32, as pools use)
-    evaluated = [a for a in accuracies if not math.isnan(a)]
+    evaluated = [a for a in accuracies if a is not MISSING]
     return GossipResult(mean, setup.rounds, evaluated[-1], max(evaluated),
                         time.perf_counter() - start, updates, distance)
 
@@ -200,7 +202,7 @@ def _evaluate(setup: GossipSetup, pools: Pools, evaluator: Evaluator, mean: np.n
     """The averaged model on the test set, and a seeded sample of honest peers on a test
     sample (every honest peer when eval_peers is 0)."""
     if not _due(r, setup):
-        return _Scored(math.nan, math.nan, None)
+        return _Scored(MISSING, MISSING, None)
     loss, acc = evaluator(torch.from_numpy(mean.astype(np.float32)))
     sample = _peer_sample(setup, int(pools.bounds[-1]), r)
     parts = np.split(sample, np.searchsorted(sample, pools.bounds[1:-1]))
@@ -225,20 +227,36 @@ def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained, scored: _
     peers = scored.peers
     if peers is not None:
         logger.append(peer_rows(r, peers, bounds, trained))
-    acc = peers.test_accuracy if peers is not None else np.array([math.nan])
+    acc = peers.test_accuracy if peers is not None else None
     n = int(sum(t.peer_ids.size for t in trained))
     logger.append(RoundRows(
         round=[r], num_selected=[n], num_updates=[n],
-        num_byzantine=[setup.byzantine.size], train_loss=[float(losses.mean())],
+        num_byzantine=[setup.byzantine.size],
+        train_loss=[float(losses.mean()) if losses.size else MISSING],
         test_loss=[scored.mean_loss], test_accuracy=[scored.mean_accuracy],
-        mean_update_norm=[math.nan], round_wall_s=[t3 - t0], train_wall_s=[t1 - t0],
+        mean_update_norm=[MISSING], round_wall_s=[t3 - t0], train_wall_s=[t1 - t0],
         aggregate_wall_s=[t2 - t1], eval_wall_s=[t3 - t2], wall_time_s=[t3 - start],
         client_updates_per_s=[n / max(t3 - t0, 1e-9)],
-        consensus_distance=[distance], peer_accuracy_mean=[float(acc.mean())],
-        peer_accuracy_min=[float(acc.min())], peer_accuracy_max=[float(acc.max())],
+        consensus_distance=[distance], **peer_accuracy(acc),
         gossip_messages=[messages], bytes_communicated=[messages * setup.model_bytes],
     ))
     return scored.mean_accuracy
+
+
+def peer_accuracy(acc: np.ndarray | None) -> dict[str, list]:
+    """The rounds columns of the evaluated peers' accuracy (MISSING when none was scored)."""
+    if acc is None or not acc.size:
+        return {"peer_accuracy_mean": [MISSING], "peer_accuracy_min": [MISSING],
+                "peer_accuracy_max": [MISSING]}
+    return {"peer_accuracy_mean": [float(acc.mean())], "peer_accuracy_min": [float(acc.min())],
+            "peer_accuracy_max": [float(acc.max())]}
+
+
+def check_consensus(mean: np.ndarray, distance: float, r: int) -> None:
+    """Raise Diverged if some honest peer's model holds a NaN or inf (their mean, or the
+    consensus distance, is then not finite), after round r is logged."""
+    if not (np.isfinite(mean).all() and np.isfinite(distance)):
+        raise Diverged(f"a peer's model is not finite after round {r}")
 
 
 def peer_rows(r: int, peers: PeerScores, bounds: np.ndarray,
@@ -246,7 +264,7 @@ def peer_rows(r: int, peers: PeerScores, bounds: np.ndarray,
     """Rows of the evaluated peers: their pool, and their training loss in round r where they
     trained (NaN otherwise)."""
     size = peers.peer_ids.size
-    loss = np.full(size, np.nan)
+    loss = np.full(size, MISSING, dtype=object)
     if trained:
         ids = np.concatenate([t.peer_ids for t in trained])  # pools are contiguous: sorted
         losses = np.concatenate([t.losses for t in trained])

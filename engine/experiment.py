@@ -17,7 +17,7 @@ import torch
 
 from engine.async_fl import AsyncSetup, async_rounds
 from engine.async_gossip import Rates, async_gossip_units
-from engine.config import ConfigError, ExperimentConfig
+from engine.config import ConfigError, Diverged, ExperimentConfig
 from engine.decentralized import GossipResult, GossipSetup, decentralized_rounds
 from engine.evaluation import Evaluator
 from engine.federated import Accountant, FederatedSetup, LoopResult, federated_rounds
@@ -124,6 +124,9 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except Diverged as err:
+        status, error = "diverged", error_line(err)
         raise
     except Exception as err:
         error = error_line(err)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from engine.config import Diverged
 from engine.evaluation import Evaluator
-from engine.logs import ClientRows, RoundRows, RunLogger, event_rows
-from engine.pool import PoolResult
+from engine.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
+from engine.pool import PoolResult, finite_rows
 from engine.progress import RoundProgress
 from engine.runtime import Pools, pool_of
 from engine.seeds import SeedTree
@@ -21,6 +21,7 @@ from policies.base import Aggregator, Updates
 from policies.privacy import DEFAULT_ORDERS, rdp_to_epsilon, sampled_gaussian_rdp
 from policies.tree import TreeSums
 from scenarios.adversaries import Adversary
+from scenarios.failures import NONFINITE
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
         plan = setup.world.plan(r)
         results = _train(pools, params, plan, setup, control)
         t1 = time.perf_counter()
-        updates, byzantine = _received(results, setup, r)
+        updates, byzantine, dropped = _received(results, setup, r)
+        plan = plan.marked(dropped, NONFINITE)
         if updates.num_clients:
             with parallel.chunk_map(pools.chunk_map):
                 step, state = aggregator.update(updates, state)
@@ -67,7 +69,7 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
         if control is not None and results:
             control = _scaffold_control(control, results, setup.world.num_clients)
         t2 = time.perf_counter()
-        loss, acc = evaluator(params) if _due(r, setup) else (math.nan, math.nan)
+        loss, acc = evaluator(params) if _due(r, setup) else (MISSING, MISSING)
         t3 = time.perf_counter()
         rows = _client_rows(plan, results, pools.bounds, updates, byzantine, setup)
         logger.append(rows)
@@ -78,7 +80,8 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
         accuracies.append(acc)
         total_updates += updates.num_clients
         progress.update(acc, train_loss, updates.num_clients / max(t3 - t0, 1e-9))
-    evaluated = [a for a in accuracies if not math.isnan(a)]
+        check_finite(params, f"the global model is not finite after round {r}")
+    evaluated = [a for a in accuracies if a is not MISSING]
     return LoopResult(params, setup.rounds, evaluated[-1], max(evaluated),
                       time.perf_counter() - start, total_updates)
 
@@ -112,26 +115,42 @@ def _train(pools: Pools, params: torch.Tensor, plan: RoundPlan, setup: Federated
                        budgets)
 
 
+def check_finite(params: torch.Tensor, message: str) -> None:
+    """Raise Diverged(message) if the model holds a NaN or inf (after its round is logged)."""
+    if not bool(torch.isfinite(params).all()):
+        raise Diverged(message)
+
+
 def _received(results: list[PoolResult], setup: FederatedSetup,
-              r: int) -> tuple[Updates, np.ndarray]:
+              r: int) -> tuple[Updates, np.ndarray, np.ndarray]:
+    """The updates the server aggregates, which of them come from attackers, and the ids of
+    updates dropped for a NaN or inf (found by the pools, or in what attackers sent)."""
     if not results:
-        return Updates.empty(), np.zeros(0, dtype=bool)
-    return _attacked(Updates.concat([res.updates for res in results]), setup, r)
+        return Updates.empty(), np.zeros(0, dtype=bool), np.zeros(0, np.int64)
+    updates, byzantine = _attacked(Updates.concat([res.updates for res in results]), setup, r)
+    dropped = [res.nonfinite for res in results]
+    if updates.deltas is not None:
+        finite = finite_rows(updates.deltas)
+        if not bool(finite.all()):
+            dropped.append(updates.client_ids.numpy()[~finite.numpy()])
+            updates, byzantine = updates.take(torch.nonzero(finite).squeeze(1)), \
+                byzantine[finite.numpy()]
+    return updates, byzantine, np.sort(np.concatenate(dropped))
 
 
 def _round_row(plan: RoundPlan, updates: Updates, byzantine: np.ndarray, rows: ClientRows,
                scores: tuple[float, float, float], times, setup: FederatedSetup) -> RoundRows:
     (loss, acc, train_loss), (t0, t1, t2, t3, start) = scores, times
-    norms = rows.update_norm[rows.status == COMPLETED]
+    norms = rows.update_norm[rows.status == COMPLETED].astype(np.float64)
     return RoundRows(
         round=[plan.round], num_selected=[plan.selected.size], num_updates=[updates.num_clients],
         num_byzantine=[int(byzantine.sum())], train_loss=[train_loss], test_loss=[loss],
-        test_accuracy=[acc], mean_update_norm=[float(norms.mean()) if norms.size else math.nan],
+        test_accuracy=[acc], mean_update_norm=[float(norms.mean()) if norms.size else MISSING],
         round_wall_s=[t3 - t0], train_wall_s=[t1 - t0], aggregate_wall_s=[t2 - t1],
         eval_wall_s=[t3 - t2], wall_time_s=[t3 - start],
         client_updates_per_s=[updates.num_clients / max(t3 - t0, 1e-9)],
         virtual_time=[plan.start_s + plan.duration_s], bytes_communicated=[plan.bytes],
-        dp_epsilon=[math.nan if setup.privacy is None else setup.privacy(plan.round + 1)],
+        dp_epsilon=[MISSING if setup.privacy is None else setup.privacy(plan.round + 1)],
     )
 
 
@@ -157,7 +176,9 @@ def _due(r: int, setup: FederatedSetup) -> bool:
     return last or (setup.eval_every > 0 and (r + 1) % setup.eval_every == 0)
 
 
-def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float:
+def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float | None:
+    if values.numel() == 0:
+        return MISSING
     total = float(weights.sum())
     return float((values * weights).sum()) / total if total > 0 else float(values.mean())
 
@@ -171,28 +192,33 @@ def _client_rows(plan: RoundPlan, results: list[PoolResult], bounds: np.ndarray,
     trained = np.concatenate([res.updates.client_ids.numpy() for res in results]) \
         if results else np.zeros(0, np.int64)
     order = np.argsort(trained, kind="stable")
+    at = np.searchsorted(trained[order], ids).clip(max=max(trained.size - 1, 0))
+    has = trained[order][at] == ids if trained.size else np.zeros(ids.size, dtype=bool)
 
-    def column(of, empty=np.nan, dtype=np.float64) -> np.ndarray:
+    def column(of, empty=MISSING, dtype=object) -> np.ndarray:
+        """Per selected client: its pool's value where the pool returned its update (MISSING
+        where it did not train)."""
         out = np.full(ids.size, empty, dtype=dtype)
         if results:
-            out[kept] = np.concatenate([of(res) for res in results])[order]
+            out[has] = np.concatenate([of(res) for res in results])[order][at[has]]
         return out
 
     norms = column(lambda res: res.update_norms.numpy())
-    norms[kept] = _sent_norms(norms[kept], updates, byzantine)
+    norms[kept] = _sent_norms(norms[kept].astype(np.float64), updates, byzantine)
     attackers = setup.adversary.byzantine[ids] if setup.adversary is not None else \
         np.zeros(ids.size, dtype=bool)
     return ClientRows(
         round=np.full(ids.size, plan.round), client_id=ids, pool=pool_of(bounds, ids),
         status=plan.status.astype(str),
         num_samples=setup.world.sizes[ids],
-        local_steps=np.where(kept, column(lambda res: res.updates.steps.numpy(), 0, np.int64),
+        local_steps=np.where(has, column(lambda res: res.updates.steps.numpy(), 0, np.int64),
                              plan.steps),  # what the pools ran, where they ran
         train_loss=column(lambda res: res.updates.losses.numpy()),
         update_norm=norms,
-        weight=column(lambda res: res.updates.weights.numpy(), 0.0),
+        weight=np.where(kept, column(lambda res: res.updates.weights.numpy(), 0.0), 0.0),
         pool_train_s=column(lambda res: np.full(res.updates.num_clients, res.train_s)),
-        byzantine=attackers, task_s=plan.task_s, staleness=np.zeros(ids.size, np.int32),
+        byzantine=attackers, task_s=np.where(np.isnan(plan.task_s), MISSING, plan.task_s),
+        staleness=np.zeros(ids.size, np.int32),
         bytes_up=plan.up_bytes,
     )
 

@@ -23,6 +23,16 @@ from engine.config import ConfigError
 
 RUN_ID = pa.schema([("run_id", pa.string())])
 
+# A value that is not there (not evaluated, not applicable) is null in the files: None in a
+# row record's (object) column. NaN and inf are values: a diverged loss stays NaN, so the
+# logs tell "not evaluated" apart from "evaluated to NaN".
+MISSING = None
+
+
+def missing() -> np.ndarray:
+    """A one-row column holding no value (null)."""
+    return np.array([MISSING], dtype=object)
+
 RUNS = pa.schema([
     ("experiment", pa.string()), ("config_yaml", pa.string()), ("config_digest", pa.string()),
     ("seed", pa.int64()), ("mode", pa.string()), ("backend", pa.string()),
@@ -63,7 +73,7 @@ OUTCOMES = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("rounds_done", pa.int32()),
     ("wall_s", pa.float64()), ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])
-STATUSES = ("completed", "failed", "interrupted")
+STATUSES = ("completed", "failed", "interrupted", "diverged")
 EVENTS = pa.schema([
     ("round", pa.int32()), ("time", pa.float64()), ("kind", pa.string()),
     ("client_id", pa.int64()), ("value", pa.float64()),
@@ -84,12 +94,12 @@ class RunRows(NamedTuple):
     num_params: np.ndarray
     started_at: np.ndarray
     versions: np.ndarray
-    topology: np.ndarray = np.array([None], dtype=object)
-    num_edges: np.ndarray = np.array([None], dtype=object)
-    degree_min: np.ndarray = np.array([None], dtype=object)
-    degree_mean: np.ndarray = np.array([np.nan])
-    degree_max: np.ndarray = np.array([None], dtype=object)
-    spectral_gap: np.ndarray = np.array([np.nan])
+    topology: np.ndarray = missing()
+    num_edges: np.ndarray = missing()
+    degree_min: np.ndarray = missing()
+    degree_mean: np.ndarray = missing()
+    degree_max: np.ndarray = missing()
+    spectral_gap: np.ndarray = missing()
 
 
 class RoundRows(NamedTuple):
@@ -98,7 +108,7 @@ class RoundRows(NamedTuple):
     num_updates: np.ndarray
     num_byzantine: np.ndarray  # updates replaced or poisoned by attackers
     train_loss: np.ndarray
-    test_loss: np.ndarray  # NaN where not evaluated -> null
+    test_loss: np.ndarray  # MISSING (null) where not evaluated; NaN only if it was NaN
     test_accuracy: np.ndarray
     mean_update_norm: np.ndarray
     round_wall_s: np.ndarray
@@ -107,14 +117,14 @@ class RoundRows(NamedTuple):
     eval_wall_s: np.ndarray
     wall_time_s: np.ndarray
     client_updates_per_s: np.ndarray
-    consensus_distance: np.ndarray = np.array([np.nan])  # mean ||z_i - z_bar||^2
-    peer_accuracy_mean: np.ndarray = np.array([np.nan])  # over the evaluated sample of peers
-    peer_accuracy_min: np.ndarray = np.array([np.nan])
-    peer_accuracy_max: np.ndarray = np.array([np.nan])
+    consensus_distance: np.ndarray = missing()  # mean ||z_i - z_bar||^2
+    peer_accuracy_mean: np.ndarray = missing()  # over the evaluated sample of peers
+    peer_accuracy_min: np.ndarray = missing()
+    peer_accuracy_max: np.ndarray = missing()
     gossip_messages: np.ndarray = np.array([0])  # models sent between peers this round
-    virtual_time: np.ndarray = np.array([np.nan])  # at the end of the round (async gossip)
+    virtual_time: np.ndarray = missing()  # at the end of the round (async gossip)
     bytes_communicated: np.ndarray = np.array([0])  # model bytes sent this round (up + down)
-    dp_epsilon: np.ndarray = np.array([np.nan])  # central DP: epsilon spent so far (at delta)
+    dp_epsilon: np.ndarray = missing()  # central DP: epsilon spent so far (at delta)
 
 
 class ClientRows(NamedTuple):
@@ -191,13 +201,18 @@ def _joined(records: list[NamedTuple]) -> NamedTuple:
 
 
 def to_batch(rows: NamedTuple) -> pa.RecordBatch:
-    """Column-wise conversion; NaN in float columns becomes null."""
+    """Column-wise conversion: MISSING (None) becomes null, NaN stays NaN."""
     _, schema = TABLES[type(rows)]
     arrays = []
     for field, column in zip(schema, rows, strict=True):
         column = np.asarray(column)
-        nan = pa.types.is_floating(field.type) and np.isnan(column).any()
-        arrays.append(pa.array(column, type=field.type, from_pandas=bool(nan)))
+        numeric = pa.types.is_floating(field.type) or pa.types.is_integer(field.type)
+        if column.dtype == object and numeric:
+            absent = np.array([v is MISSING for v in column], dtype=bool)
+            values = np.where(absent, 0, column).astype(field.type.to_pandas_dtype())
+            arrays.append(pa.array(values, type=field.type, mask=absent))
+        else:
+            arrays.append(pa.array(column, type=field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -245,6 +260,23 @@ class RunLogger:
         pq.write_table(table, tmp)
         os.replace(tmp, final)
         self._seq += 1
+
+
+def check_log_dir(root: Path) -> Path:
+    """`root` as a directory this process can write into, created if missing; a ConfigError
+    line (before anything starts) if it is a file or cannot be created or written."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--log-dir {root}: exists and is not a directory") from None
+    except OSError as err:
+        raise ConfigError(f"--log-dir {root}: cannot create it ({err.strerror})") from None
+    if not root.is_dir():
+        raise ConfigError(f"--log-dir {root}: exists and is not a directory")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"--log-dir {root}: not writable")
+    return root
 
 
 def event_rows(round_idx: int, time_s: float, events) -> EventRows:

@@ -7,7 +7,7 @@ in-process. Pools never choose clients; they train whom they are told to.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,6 +55,8 @@ class PoolResult:
     update_norms: torch.Tensor  # [k] L2 norm of each client's delta
     train_s: float  # wall seconds of this pool's call
     control_sums: TreeSums | None = None  # SCAFFOLD: this pool's part of sum_i delta c_i
+    nonfinite: np.ndarray = field(  # ids whose update had a NaN or inf: dropped
+        default_factory=lambda: np.zeros(0, np.int64))
 
     # Pickled as numpy arrays: Ray ships those as zero-copy buffers, while a pickled torch
     # tensor is copied through bytes (measured: 27 ms vs 11 ms for two 1.9 MB results).
@@ -63,7 +65,8 @@ class PoolResult:
         return {"columns": [_array(c) for c in self.updates.per_client()],
                 "sums": _sums_arrays(sums),
                 "norms": self.update_norms.numpy(),
-                "train_s": self.train_s, "controls": _sums_arrays(self.control_sums)}
+                "train_s": self.train_s, "controls": _sums_arrays(self.control_sums),
+                "nonfinite": self.nonfinite}
 
     def __setstate__(self, state: dict) -> None:
         sums = _sums_tensors(state["sums"])
@@ -72,6 +75,7 @@ class PoolResult:
         object.__setattr__(self, "updates", updates)
         object.__setattr__(self, "update_norms", _tensor(state["norms"]))
         object.__setattr__(self, "train_s", state["train_s"])
+        object.__setattr__(self, "nonfinite", state["nonfinite"])
 
 
 def _sums_arrays(sums: TreeSums | None) -> list[np.ndarray] | None:
@@ -91,6 +95,11 @@ def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
     if array is None:
         return None
     return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool [C]: rows of x [C, P] without NaN or inf (one isfinite reduction per row)."""
+    return torch.isfinite(x).all(dim=1)
 
 
 class ClientPool:
@@ -148,10 +157,13 @@ class ClientPool:
         correction = None if c is None else c[None, :] - self.controls[local]
         out, counts = self.local_training(params, client_ids, round_idx, correction=correction,
                                           budgets=budgets)
+        finite = finite_rows(out.deltas)
         fisher = None if self.fisher is None else self.fisher(
             params + out.deltas, self.x, self.offsets[local.numpy()], counts)
-        control_sums = None if c is None else self._update_controls(local, c, out, client_ids)
-        deltas = self._compress(local, out.deltas, client_ids, round_idx)
+        control_sums = None if c is None else self._update_controls(local, c, out, client_ids,
+                                                                    finite)
+        deltas = self._compress(local, out.deltas, client_ids, round_idx, finite)
+        finite &= finite_rows(deltas)
         updates = Updates(
             deltas=deltas,
             weights=torch.from_numpy(counts.astype(np.float32)),
@@ -162,15 +174,19 @@ class ClientPool:
             label_counts=self.label_counts[local],
             fisher=fisher,
         )
-        norms = torch.linalg.vector_norm(deltas, dim=1)
+        nonfinite = np.asarray(client_ids, dtype=np.int64)[~finite.numpy()]
+        if nonfinite.size:  # excluded from aggregation; the loop logs them
+            updates = updates.take(torch.nonzero(finite).squeeze(1))
+        norms = torch.linalg.vector_norm(updates.deltas, dim=1)
         if pre_reduce:
             updates = updates._replace(deltas=None, weighted_sums=self._partial_sums(updates))
-        return PoolResult(updates, norms, time.perf_counter() - start, control_sums)
+        return PoolResult(updates, norms, time.perf_counter() - start, control_sums, nonfinite)
 
     def _compress(self, local: torch.Tensor, deltas: torch.Tensor, client_ids: np.ndarray,
-                  round_idx: int) -> torch.Tensor:
+                  round_idx: int, finite: torch.Tensor) -> torch.Tensor:
         """What each client uploads: its delta compressed, with error feedback when configured
-        (c = C(delta + e_i), e_i <- delta + e_i - c); keyed per (round, client)."""
+        (c = C(delta + e_i), e_i <- delta + e_i - c); keyed per (round, client). A client whose
+        delta is not finite keeps its residual (its update is dropped)."""
         if self.compressor is None:
             return deltas
         keys = self.seeds.client_keys("compress", round_idx, client_ids)
@@ -178,16 +194,19 @@ class ClientPool:
             return self.compressor.compress(deltas, keys).values
         sent, residual, _ = with_error_feedback(self.compressor, deltas, self.residuals[local],
                                                 keys)
-        self.residuals[local] = residual
+        kept = finite & finite_rows(residual)
+        self.residuals[local[kept]] = residual[kept]
         return sent
 
     def _update_controls(self, local: torch.Tensor, c: torch.Tensor, out: Trained,
-                         client_ids: np.ndarray) -> TreeSums:
+                         client_ids: np.ndarray, finite: torch.Tensor) -> TreeSums:
         """SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K_i lr), kept in the pool; returns
-        this shard's part of the id-tree sum of c_i+ - c_i (clients without a step: 0)."""
+        this shard's part of the id-tree sum of c_i+ - c_i (clients without a step, or with a
+        non-finite delta: 0)."""
         steps = out.steps.to(out.deltas.dtype)[:, None]
-        moved = torch.where(steps > 0, -c[None, :] - out.deltas / (steps.clamp(min=1)
-                                                                   * self.spec.hp.lr), 0.0)
+        moved = torch.where((steps > 0) & finite[:, None],
+                            -c[None, :] - out.deltas / (steps.clamp(min=1) * self.spec.hp.lr),
+                            0.0)
         self.controls[local] += moved
         leaves = TreeSums.leaves(moved, torch.from_numpy(np.array(client_ids, dtype=np.int64)))
         lo, hi = int(self.client_ids[0]), int(self.client_ids[-1]) + 1

@@ -16,11 +16,13 @@ class RoundProgress:
                                     "{postfix}]")
         self._accuracy = math.nan
 
-    def update(self, accuracy: float, train_loss: float, updates_per_s: float) -> None:
-        if not math.isnan(accuracy):
+    def update(self, accuracy: float | None, train_loss: float | None,
+               updates_per_s: float) -> None:
+        if accuracy is not None:
             self._accuracy = accuracy
         self._bar.set_postfix_str(
-            f"acc={self._accuracy:.3f} loss={train_loss:.3f} upd/s={updates_per_s:,.0f}",
+            f"acc={self._accuracy:.3f} loss={math.nan if train_loss is None else train_loss:.3f}"
+            f" upd/s={updates_per_s:,.0f}",
             refresh=False,
         )
         self._bar.update(1)

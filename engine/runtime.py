@@ -200,7 +200,7 @@ INLINE_ARG_BYTES = 64 << 10
 
 
 def connect_ray(address: str | None) -> int:
-    """Join `address`, or start an embedded Ray on loopback with the dashboard off.
+    """Join `address`, or start a private embedded Ray (see `start_private_ray`).
     Returns the cluster's CPU count. Reuses a Ray already initialised in this process."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -216,8 +216,35 @@ def connect_ray(address: str | None) -> int:
                 raise ConfigError(f"--address {address}: cannot join a Ray cluster ({err})"
                                   .splitlines()[0]) from None
         else:
-            ray.init(_node_ip_address="127.0.0.1", _system_config=EMBEDDED_RAY_CONFIG, **common)
+            start_private_ray(**common)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def start_private_ray(**options) -> None:
+    """A new Ray cluster for this process alone, every port bound to 127.0.0.1.
+
+    - `address="local"` always starts a new cluster, never attaching to one that `ray start`
+      runs on the machine (plain `ray.init()` would, and then refuse our `_system_config`).
+    - Ray resolves a 127.0.0.1 node address to the machine's external one when clusters are
+      enabled, and its servers then listen on every interface; with the cluster switch off
+      (the env var reaches the raylet and workers, the constant this process's Ray) it keeps
+      loopback, and GCS, raylet, object manager and every worker bind there only.
+    - Token authentication stays on, set explicitly (`RAY_AUTH_MODE=token`, unless the user
+      chose otherwise), so Ray's start-up warning about its default does not print: other
+      users of the machine can reach loopback ports, so the token still matters.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    if "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # as Ray does when it turns its default on: re-read the mode
+    ray.init(address="local", _node_ip_address="127.0.0.1",
+             _system_config=EMBEDDED_RAY_CONFIG, **options)
 
 
 def _check_reachable(address: str) -> None:

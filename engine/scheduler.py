@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine.config import Diverged
 from engine.logs import TABLES, RunLogger, error_line, outcome_row
 from engine.progress import SweepProgress
 from engine.runtime import RuntimeOptions, connect_ray
@@ -30,7 +31,7 @@ from engine.sweep import RunSpec, Sweep, pending
 @dataclass(frozen=True)
 class RunOutcome:
     run: RunSpec
-    status: str  # completed | failed
+    status: str  # completed | failed | diverged
     error: str | None
     final_accuracy: float
     wall_s: float
@@ -46,6 +47,8 @@ def execute_run(run: RunSpec, log_root: Path, options: RuntimeOptions) -> RunOut
     start = time.perf_counter()
     try:
         result = run_experiment(run.config, options, log_root, False, run.run_id, run.constants)
+    except Diverged as err:  # an outcome of the simulation, recorded by run_experiment
+        return RunOutcome(run, "diverged", error_line(err), math.nan, time.perf_counter() - start)
     except Exception as err:
         record_failure(run, log_dir, options, err)
         return RunOutcome(run, "failed", error_line(err), math.nan, time.perf_counter() - start)
@@ -194,6 +197,6 @@ def run_sweep(sweep: Sweep, log_root: Path, runner: InlineRunner | RayRunner,
 
 def _line(outcome: RunOutcome) -> str:
     head = f"{outcome.run.run_id} [{outcome.run.label()}]"
-    if outcome.status == "failed":
-        return f"  failed    {head}: {outcome.error}"
+    if outcome.status in ("failed", "diverged"):
+        return f"  {outcome.status:<9} {head}: {outcome.error}"
     return f"  completed {head}: accuracy {outcome.final_accuracy:.4f} ({outcome.wall_s:.1f} s)"

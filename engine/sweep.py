@@ -32,6 +32,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.config import (
+    EXPERIMENT_NAME,
     ConfigError,
     ExperimentConfig,
     apply_override,
@@ -60,7 +61,7 @@ class RandomAxes(_Strict):
 
 class SweepSpec(_Strict):
     base: str
-    experiment: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str | None = Field(None, pattern=EXPERIMENT_NAME, max_length=100)
     set: dict[str, Any] = {}
     names: dict[str, str] = {}
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
@@ -232,7 +233,8 @@ def finished_runs(log_dir: Path) -> dict[str, str]:
 
 
 def pending(sweep: Sweep, log_dir: Path, retry_failed: bool = False) -> list[RunSpec]:
-    """The sweep's runs without a completed outcome (nor a failed one, unless retried)."""
-    done = {"completed"} | (set() if retry_failed else {"failed"})
+    """The sweep's runs without a completed or diverged outcome (nor a failed one, unless
+    retried)."""
+    done = {"completed", "diverged"} | (set() if retry_failed else {"failed"})
     outcomes = finished_runs(log_dir)
     return [run for run in sweep.runs if outcomes.get(run.run_id) not in done]

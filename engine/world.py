@@ -12,6 +12,7 @@ loop trains just the clients whose updates the server will use.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,15 @@ class RoundPlan:
     def trains(self) -> np.ndarray:
         """Selected clients that train (whether or not their update arrives in time)."""
         return self.steps > 0
+
+    def marked(self, ids: np.ndarray, status: str) -> RoundPlan:
+        """The plan with the status of the selected `ids` set to `status` (e.g. nonfinite)."""
+        if not ids.size:
+            return self
+        changed = self.status.copy()
+        changed[np.isin(self.selected, ids)] = status
+        return dataclasses.replace(self, status=changed,
+                                   events=Events.concat([self.events, Events.of(status, ids)]))
 
 
 def upload_bytes(compression: CompressionConfig, model_bytes: int) -> int:

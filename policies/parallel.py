@@ -88,13 +88,19 @@ def squared_distances(g: torch.Tensor) -> torch.Tensor:
 
 
 class _Combine:
-    """coeffs @ chunk in float64, cast back to float32 (a picklable closure for Ray tasks)."""
+    """coeffs @ chunk in float64, cast back to float32 (a picklable closure for Ray tasks).
+    Rows whose coefficients are all zero are left out, not multiplied: 0 * inf would make a
+    rule that excluded a non-finite row return NaN."""
 
     def __init__(self, coeffs: torch.Tensor) -> None:
-        self.coeffs = coeffs.double()
+        coeffs = coeffs.double()
+        used = coeffs != 0 if coeffs.dim() == 1 else (coeffs != 0).any(dim=0)
+        self.rows = None if bool(used.all()) else torch.nonzero(used).squeeze(1)
+        self.coeffs = coeffs if self.rows is None else coeffs[..., self.rows]
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
-        return (self.coeffs @ chunk.double()).float()
+        rows = chunk if self.rows is None else chunk[self.rows]
+        return (self.coeffs @ rows.double()).float()
 
 
 def combine(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

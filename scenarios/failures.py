@@ -24,6 +24,7 @@ LOST_DOWNLINK, DROPPED_BEFORE, DROPPED_AFTER, LOST_UPLINK = (
     "lost_downlink", "dropped_before", "dropped_after", "lost_uplink")
 STRAGGLER, OVER_SELECTED = "straggler", "over_selected"
 LINK_DOWN, MESSAGE_LOST = "link_down", "message_lost"  # peers
+NONFINITE = "nonfinite"  # an update with NaN or inf: dropped before aggregation
 
 
 @dataclass(frozen=True)

@@ -26,17 +26,17 @@ from engine.logs import RoundRows, RunLogger, RunRows, outcome_row, read_table
 from engine.plots import curves, draw_curves, heatmap, parse_plot, save_png, write_heatmap
 from tests.conftest import ROOT
 
-NAN = np.nan
+NA = None  # not evaluated or not applicable: a null in the files
 RING = {"mode": "federated", "aggregation": [{"fedavg": {}}], "training": {"lr": 0.1},
         "task": {"model": {"kind": "mlp", "hidden": [64]}}}
 TORUS = {**RING, "aggregation": [{"clip": {"max_norm": 1.0}}, {"trimmed_mean": {}}],
          "attack": {"kind": "alie", "fraction": 0.2}}
 # run id: (topology.kind, seed, accuracy per round, wall time per round, virtual time, outcome)
 RUNS = {
-    "r1": ("ring", 0, [NAN, 0.6, NAN, 0.8], [1, 2, 3, 4], [0.5, 1.0, 1.5, 2.0], "completed"),
-    "r2": ("ring", 1, [NAN, 0.7, NAN, 0.9], [2, 3, 4, 5], [0.5, 1.0, 1.5, 2.0], "completed"),
-    "r3": ("torus", 0, [NAN, 0.5, NAN, 0.7], [1, 2, 3, 4], [NAN] * 4, "failed"),
-    "r4": ("torus", 1, [NAN, 0.85, NAN, 0.75], [1, 2, 3, 4], [NAN] * 4, None),  # no outcome
+    "r1": ("ring", 0, [NA, 0.6, NA, 0.8], [1, 2, 3, 4], [0.5, 1.0, 1.5, 2.0], "completed"),
+    "r2": ("ring", 1, [NA, 0.7, NA, 0.9], [2, 3, 4, 5], [0.5, 1.0, 1.5, 2.0], "completed"),
+    "r3": ("torus", 0, [NA, 0.5, NA, 0.7], [1, 2, 3, 4], [NA] * 4, "failed"),
+    "r4": ("torus", 1, [NA, 0.85, NA, 0.75], [1, 2, 3, 4], [NA] * 4, None),  # no outcome
 }
 LR = {"r1": 0.1, "r2": 0.1, "r3": 0.1, "r4": 0.05}
 
@@ -55,13 +55,17 @@ def _round_rows(accuracy, wall, vtime) -> RoundRows:
     full = lambda v: np.full(n, v, dtype=float)  # noqa: E731
     return RoundRows(
         round=np.arange(n), num_selected=np.full(n, 4), num_updates=np.full(n, 4),
-        num_byzantine=np.zeros(n, int), train_loss=full(0.5), test_loss=np.array(accuracy),
-        test_accuracy=np.array(accuracy), mean_update_norm=full(1.0), round_wall_s=full(1.0),
+        num_byzantine=np.zeros(n, int), train_loss=full(0.5),
+        test_loss=np.array(accuracy, dtype=object),
+        test_accuracy=np.array(accuracy, dtype=object), mean_update_norm=full(1.0),
+        round_wall_s=full(1.0),
         train_wall_s=full(0.5), aggregate_wall_s=full(0.1), eval_wall_s=full(0.1),
         wall_time_s=np.array(wall, float), client_updates_per_s=full(4.0),
-        consensus_distance=np.array([0.4, 0.3, 0.2, 0.1]), peer_accuracy_mean=full(NAN),
-        peer_accuracy_min=full(NAN), peer_accuracy_max=full(NAN),
-        gossip_messages=np.zeros(n, int), virtual_time=np.array(vtime, float),
+        consensus_distance=np.array([0.4, 0.3, 0.2, 0.1]),
+        peer_accuracy_mean=np.full(n, NA, dtype=object),
+        peer_accuracy_min=np.full(n, NA, dtype=object),
+        peer_accuracy_max=np.full(n, NA, dtype=object),
+        gossip_messages=np.zeros(n, int), virtual_time=np.array(vtime, dtype=object),
         bytes_communicated=np.full(n, 100))
 
 
@@ -129,7 +133,7 @@ def test_keys_from_summary_and_config(logs):
 
 
 def test_swept_column_falls_back_to_config_outside_the_sweep(logs):
-    _write_run(logs, "r5", "ring", 2, [NAN, 0.4, NAN, 0.5], [1, 2, 3, 4], [NAN] * 4,
+    _write_run(logs, "r5", "ring", 2, [NA, 0.4, NA, 0.5], [1, 2, 3, 4], [NA] * 4,
                "completed", 9, constants=False)
     runs = load_runs(logs)
     assert runs.summary["topology.kind"].to_pylist() == ["ring", "ring", "torus", "torus", None]

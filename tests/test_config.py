@@ -41,7 +41,8 @@ def test_dotted_overrides_reach_nested_keys():
     ({"population": {"participation": {"fraction": 0.5, "clients_per_round": 3}}},
      "set exactly one of clients_per_round or fraction"),
     ({"aggregation": [1]}, "aggregation: a stage is a name or a one-key mapping"),
-    ({"seed": 2**64}, "seed: Input should be less than or equal to"),
+    ({"seed": 2**64}, "seed: integer out of range"),
+    ({"seed": 2**63 - 1 + 1}, "seed: integer out of range"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:

@@ -10,26 +10,31 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from engine.logs import ROUNDS, RoundRows, RunLogger, read_table
+from engine.logs import MISSING, ROUNDS, RoundRows, RunLogger, read_table
 from tests.conftest import ROOT
 
 
-def _round_rows(r: int, acc: float) -> RoundRows:
-    one = lambda v: np.array([v])  # noqa: E731
+def _round_rows(r: int, acc: float | None) -> RoundRows:
+    one = lambda v: np.array([v], dtype=object if v is None else None)  # noqa: E731
     return RoundRows(*(one(v) for v in [r, 5, 5, 0, 0.5, acc, acc, 1.0, 0.1, 0.1, 0.0, 0.0,
                                         0.1 * r, 50.0]))
 
 
-def test_rows_round_trip_with_nulls(tmp_path):
+def test_rows_round_trip_with_nulls_apart_from_nan(tmp_path):
+    """Not evaluated (MISSING) is null; a NaN accuracy is a NaN value, not a null."""
     log = RunLogger(tmp_path, "r1", flush_every_s=3600)
-    log.append(_round_rows(0, np.nan))
+    log.append(_round_rows(0, MISSING))
     log.append(_round_rows(1, 0.75))
+    log.append(_round_rows(2, np.nan))
     assert read_table(tmp_path, "rounds").num_rows == 0  # nothing flushed yet
     log.flush()
     table = read_table(tmp_path, "rounds")
     assert table.schema.remove(table.schema.get_field_index("run_id")) == ROUNDS
-    assert table["test_accuracy"].to_pylist() == [None, 0.75]
-    assert table["run_id"].to_pylist() == ["r1", "r1"]
+    accuracy = table["test_accuracy"]
+    assert accuracy.to_pylist()[:2] == [None, 0.75]
+    assert accuracy.null_count == 1 and np.isnan(accuracy.to_pylist()[2])
+    assert table["consensus_distance"].null_count == 3  # not applicable: null, not NaN
+    assert table["run_id"].to_pylist() == ["r1", "r1", "r1"]
 
 
 def test_part_files_are_renamed_into_place(tmp_path):
