@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, Diverged
+from engine.core.errors import ConfigError, Diverged
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,14 +35,14 @@ def run_command(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
     if args.pools is not None and args.pools < 1:
         raise ConfigError("--pools: must be >= 1")
-    from engine.config import load_config
+    from engine.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before torch and Ray load
-    from engine.logs import check_log_dir
+    from engine.records.logs import check_log_dir
 
     check_log_dir(Path(args.log_dir))
+    from engine.backends.runtime import RuntimeOptions
     from engine.experiment import run_experiment
-    from engine.runtime import RuntimeOptions
 
     options = RuntimeOptions(args.backend, args.pools, args.address)
     result = run_experiment(cfg, options, Path(args.log_dir), not args.no_progress)
@@ -81,7 +81,7 @@ def _names(text: str) -> list[str]:
 
 def analyze_command(argv: list[str]) -> int:
     args = _analyze_parser().parse_args(argv)
-    from engine import analysis
+    from engine.analysis import summary as analysis
 
     log_dir, keys, metrics = Path(args.log_dir), _names(args.group_by), _names(args.metric)
     if args.sql:
@@ -90,7 +90,7 @@ def analyze_command(argv: list[str]) -> int:
     runs = analysis.load_runs(log_dir, args.target)
     runs = analysis.filter_runs(runs, [analysis.parse_filter(f) for f in args.filter])
     if args.plot or args.heatmap:
-        from engine import plots
+        from engine.analysis import plots
 
         if args.plot:
             print(plots.write_curves(log_dir, runs, args.plot, keys, Path(args.out)))
@@ -122,15 +122,15 @@ def sweep_command(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent: must be >= 1")
-    from engine.sweep import load_sweep
+    from engine.sweeps.sweep import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides)  # every run validated before Ray starts
-    from engine.logs import check_log_dir
+    from engine.records.logs import check_log_dir
 
     log_dir = check_log_dir(Path(args.log_dir)) / sweep.experiment
     if args.dry_run:
         return _list_runs(sweep, log_dir)
-    from engine.scheduler import InlineRunner, RayRunner, run_sweep
+    from engine.sweeps.scheduler import InlineRunner, RayRunner, run_sweep
 
     runner = (InlineRunner(sweep.cpus_per_run) if args.backend == "inline" else
               RayRunner(sweep.cpus_per_run, args.address, args.max_concurrent))
@@ -146,7 +146,7 @@ def sweep_command(argv: list[str]) -> int:
 
 
 def _list_runs(sweep, log_dir: Path) -> int:
-    from engine.sweep import finished_runs
+    from engine.sweeps.sweep import finished_runs
 
     recorded = finished_runs(log_dir)
     status = [recorded.get(run.run_id, "pending") for run in sweep.runs]

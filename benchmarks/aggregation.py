@@ -19,10 +19,10 @@ import time
 import ray
 import torch
 
-from engine.runtime import RayChunkMap, connect_ray
-from engine.training import pin_torch_arithmetic
-from policies import parallel
-from policies.base import Updates
+from engine.backends.runtime import RayChunkMap, connect_ray
+from engine.compute.training import pin_torch_arithmetic
+from engine.core import parallel
+from engine.core.updates import Updates
 from policies.robust import coordinate_median, krum, trimmed_mean
 
 RULES = {"median": coordinate_median, "trimmed_mean": trimmed_mean, "krum": krum}

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from engine.backends.runtime import RuntimeOptions
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.runtime import RuntimeOptions
+from engine.records.logs import read_table
 
 
 def engine_rate(cfg, pools: int | None, warmup: int) -> float:

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.runtime import RuntimeOptions, connect_ray
-from engine.scheduler import RayRunner, execute_run, run_sweep
-from engine.sweep import Sweep, load_sweep
+from engine.backends.runtime import RuntimeOptions, connect_ray
+from engine.sweeps.scheduler import RayRunner, execute_run, run_sweep
+from engine.sweeps.sweep import Sweep, load_sweep
 
 
 def plain(sweep: Sweep, root: Path) -> float:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.logs import read_table
-from engine.scheduler import RayRunner, run_sweep
-from engine.sweep import load_sweep
+from engine.records.logs import read_table
+from engine.sweeps.scheduler import RayRunner, run_sweep
+from engine.sweeps.sweep import load_sweep
 
 SWEEP = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "topologies.yaml"
 

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from common import alternate, parser  # benchmarks/common.py (the script's folder)
 from torch.func import functional_call, grad, vmap
 
-from engine.config import load_config
-from engine.params import ParamSpec, init_params
-from engine.seeds import SeedTree
+from engine.core.config import load_config
+from engine.core.params import ParamSpec, init_params
+from engine.core.seeds import SeedTree
 from scenarios.task import build_task
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w1.yaml"

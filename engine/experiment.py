@@ -15,21 +15,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.async_fl import AsyncSetup, async_rounds
-from engine.async_gossip import Rates, async_gossip_units
-from engine.config import ConfigError, Diverged, ExperimentConfig
-from engine.decentralized import GossipResult, GossipSetup, decentralized_rounds
-from engine.evaluation import Evaluator
-from engine.federated import Accountant, FederatedSetup, LoopResult, federated_rounds
-from engine.logs import RoundRows, RunLogger, RunRows, error_line, outcome_row
-from engine.params import init_params
-from engine.peers import PeerPool, PeerSpec
-from engine.pool import PoolSpec
-from engine.progress import RoundProgress
-from engine.runtime import Pools, RuntimeOptions, make_pools
-from engine.seeds import SeedTree
-from engine.training import LocalSGD, pin_torch_arithmetic
-from engine.world import SyncWorld
+from engine.backends.runtime import Pools, RuntimeOptions, make_pools
+from engine.compute.evaluation import Evaluator
+from engine.compute.peers import PeerPool, PeerSpec
+from engine.compute.pool import PoolSpec
+from engine.compute.training import LocalSGD, pin_torch_arithmetic
+from engine.core.config import ExperimentConfig
+from engine.core.errors import ConfigError, Diverged
+from engine.core.params import init_params
+from engine.core.seeds import SeedTree
+from engine.loops.async_fl import AsyncSetup, async_rounds
+from engine.loops.async_gossip import Rates, async_gossip_units
+from engine.loops.decentralized import GossipResult, GossipSetup, decentralized_rounds
+from engine.loops.federated import Accountant, FederatedSetup, LoopResult, federated_rounds
+from engine.loops.world import SyncWorld
+from engine.records.logs import RoundRows, RunLogger, RunRows, error_line, outcome_row
+from engine.records.progress import RoundProgress
 from policies.registry import (
     build_aggregator,
     build_consensus,

@@ -7,9 +7,10 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from policies import tree
-from policies.base import Aggregator, Updates, chain, stage, stateless
-from policies.tree import TreeSums
+from engine.core import tree
+from engine.core.tree import TreeSums
+from engine.core.updates import Updates
+from policies.base import Aggregator, chain, stage, stateless
 
 
 def weighted_sums(updates: Updates) -> TreeSums:
@@ -23,7 +24,7 @@ def weighted_sums(updates: Updates) -> TreeSums:
 def weighted_mean() -> Aggregator:
     """FedAvg's reduction (McMahan et al., 2017, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data"): sum_k w_k * delta_k / sum_k w_k, with w_k = n_k the
-    client's sample count. The sum runs over a fixed tree of client ids (policies/tree.py), so
+    client's sample count. The sum runs over a fixed tree of client ids (engine/core/tree.py), so
     pools can pre-reduce it. With zero total weight the step is zero."""
 
     def reduce(updates: Updates) -> torch.Tensor:

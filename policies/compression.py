@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from engine.config import ConfigError, call_validated
+from engine.core.config import call_validated
+from engine.core.errors import ConfigError
 
 WHERE = "training.compression"
 FLOAT_BYTES = 4

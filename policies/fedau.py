@@ -30,10 +30,11 @@ from typing import Annotated, NamedTuple
 import torch
 from pydantic import Field
 
-from engine.config import ConfigError
-from policies import tree
-from policies.base import Aggregator, Updates, stage
-from policies.tree import TreeSums
+from engine.core import tree
+from engine.core.errors import ConfigError
+from engine.core.tree import TreeSums
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage
 
 
 class FedAUState(NamedTuple):

@@ -20,8 +20,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from policies import parallel
-from policies.base import Aggregator, Updates, stage, stateless
+from engine.core import parallel
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage, stateless
 from policies.robust import stack
 
 _EPS = 1e-7

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.config import ConfigError
-from policies.base import Aggregator, Updates, stage
+from engine.core.errors import ConfigError
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage
 from policies.ranks import RankAggregator, frl_client_ranking, frl_vote
 
 State = tuple[torch.Tensor, torch.Tensor]  # (global scores [P], each layer's sorted values [P])

@@ -7,7 +7,8 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from policies.consensus import Consensus, Neighbourhood, consensus_policy
+from engine.core.neighbourhood import Neighbourhood
+from policies.consensus import Consensus, consensus_policy
 
 
 @consensus_policy(mean_preserving=True)

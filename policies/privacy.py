@@ -21,11 +21,12 @@ import torch
 from pydantic import Field
 from scipy.special import gammaln
 
-from engine.seeds import SeedTree
-from policies import tree
-from policies.base import Aggregator, Updates, stage
+from engine.core import tree
+from engine.core.seeds import SeedTree
+from engine.core.tree import TreeSums
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage
 from policies.robust import stack
-from policies.tree import TreeSums
 
 NOISE_STREAM = "dp_gaussian"
 

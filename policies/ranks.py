@@ -28,7 +28,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
-from engine.config import ConfigError, call_validated
+from engine.core.config import call_validated
+from engine.core.errors import ConfigError
 
 KEMENY_EXACT_MAX_ITEMS = 7  # 7! = 5040 orders: brute force stays instant
 

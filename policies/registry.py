@@ -11,7 +11,8 @@ import importlib
 import inspect
 from collections.abc import Callable
 
-from engine.config import ConfigError, StageSpec, call_validated
+from engine.core.config import StageSpec, call_validated
+from engine.core.errors import ConfigError
 from policies import gossip, optimizers, robust, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain

@@ -1,6 +1,6 @@
 """Byzantine-robust reductions (Updates -> step [P]) over the full [K, P] stack of deltas.
 
-Every rule is written with the chunked kernels of policies/parallel.py: coordinate-wise rules
+Every rule is written with the chunked kernels of engine/core/parallel.py: coordinate-wise rules
 map over column chunks; distance-based rules work on the K x K Gram matrix (summed over column
 chunks) and finish with one weighted combination of the rows. Results are therefore the same
 bits whether the chunks run serially or as parallel Ray tasks.
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from engine.config import ConfigError
-from policies import parallel
-from policies.base import Aggregator, Updates, stage, stateless
+from engine.core import parallel
+from engine.core.errors import ConfigError
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage, stateless
 
 Count = Annotated[int, Field(ge=0)] | None
 

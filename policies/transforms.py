@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from policies import parallel
-from policies.base import Aggregator, Updates, stage, stateless
+from engine.core import parallel
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage, stateless
 from policies.robust import byzantine_count, stack
 
 

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from policies.base import Aggregator, Updates, stage, stateless
+from engine.core.updates import Updates
+from policies.base import Aggregator, stage, stateless
 from policies.robust import stack
 
 
@@ -110,7 +111,7 @@ def fisher_merge(floor: Annotated[float, Field(gt=0)] = 1e-6,
     with F_k client k's diagonal Fisher (floored at `floor`) at its local model, and c_k its
     weight (default: samples), divided by ||F_k||_2 when `normalize`. As theta_k = x + delta_k,
     the step is sum_k c_k F_kj delta_kj / sum_k c_k F_kj. Pools compute F_k when the chain has
-    this stage (engine/training.py, DiagonalFisher)."""
+    this stage (engine/compute/training.py, DiagonalFisher)."""
 
     def reduce(u: Updates) -> torch.Tensor:
         deltas = stack(u, "fisher_merge").double()

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from engine.config import AttackConfig, ConfigError, call_validated
-from policies.base import Updates
-from policies.consensus import Forge, Forged, Neighbourhood
+from engine.core.config import AttackConfig, call_validated
+from engine.core.errors import ConfigError
+from engine.core.neighbourhood import Forge, Forged, Neighbourhood
+from engine.core.updates import Updates
 from scenarios.task import FederatedTask
 
 # (deltas [K, P] of the round, Byzantine mask [K], generator) -> the Byzantine rows [B, P]

@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine.config import AvailabilityConfig, ConfigError
-from engine.seeds import SeedTree
+from engine.core.config import AvailabilityConfig
+from engine.core.errors import ConfigError
+from engine.core.seeds import SeedTree
 from scenarios.devices import check_client_ids, check_distribution, draw, read_columns
 
 KEY = "population.availability"

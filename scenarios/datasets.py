@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import ConfigError, SyntheticConfig, TaskConfig
+from engine.core.config import SyntheticConfig, TaskConfig
+from engine.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

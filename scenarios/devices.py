@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from engine.config import ConfigError, DevicesConfig, DistributionConfig
-from engine.seeds import SeedTree
+from engine.core.config import DevicesConfig, DistributionConfig
+from engine.core.errors import ConfigError
+from engine.core.seeds import SeedTree
 
 QUANTITIES = ("step_s", "up_bps", "down_bps", "latency_s")
 BANDWIDTHS = ("up_bps", "down_bps")

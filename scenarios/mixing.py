@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.sparse import csgraph
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 from scenarios.topology import Graph
 
 DENSE_MAX = 2048  # spectral_gap uses dense eigenvalues up to this many nodes

@@ -10,7 +10,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from engine.config import ConfigError, ModelConfig
+from engine.core.config import ModelConfig
+from engine.core.errors import ConfigError
 from scenarios.supermask import SupermaskConv2d, SupermaskLinear
 
 Layer = Callable[[int, int], nn.Module]  # (inputs, outputs) -> a linear or 3x3 conv layer

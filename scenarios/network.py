@@ -9,10 +9,11 @@ from functools import cached_property
 import numpy as np
 from scipy import sparse
 
-from engine.config import ConfigError, FailuresConfig, TopologyConfig
-from engine.seeds import SeedTree
+from engine.core.config import FailuresConfig, TopologyConfig
+from engine.core.errors import ConfigError
+from engine.core.events import LINK_DOWN, MESSAGE_LOST, Events
+from engine.core.seeds import SeedTree
 from scenarios import topology
-from scenarios.failures import LINK_DOWN, MESSAGE_LOST, Events
 from scenarios.mixing import degree_stats, mixing_matrix, spectral_gap
 from scenarios.topology import Graph, Outage
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine.config import ConfigError, PartitionConfig
+from engine.core.config import PartitionConfig
+from engine.core.errors import ConfigError
 
 Partitioner = Callable[[np.ndarray, int, PartitionConfig, np.random.Generator], np.ndarray]
 

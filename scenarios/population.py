@@ -3,7 +3,7 @@ whom the server picks among them is policies/selection.py."""
 
 from __future__ import annotations
 
-from engine.config import PopulationConfig
+from engine.core.config import PopulationConfig
 
 
 def clients_per_round(cfg: PopulationConfig) -> int:

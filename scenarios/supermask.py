@@ -17,7 +17,7 @@ models/init.py `signed_constant`):
 
 The weights are buffers drawn from a private generator seeded by `weight_seed`, so the driver,
 every pool and the evaluator build the same random network; the scores come from torch's
-global RNG, which `engine.params.init_params` seeds. The mask is computed with sorts only (no
+global RNG, which `engine.core.params.init_params` seeds. The mask is computed with sorts only (no
 in-place writes), so it works under torch.func.vmap + functional_call and with plain autograd.
 """
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import ExperimentConfig
-from engine.seeds import SeedTree
+from engine.core.config import ExperimentConfig
+from engine.core.seeds import SeedTree
 from scenarios.datasets import Dataset, load_dataset
 from scenarios.models import ModelSpec
 from scenarios.partition import partition

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 
 
 @dataclass(frozen=True, eq=False)
@@ -435,7 +435,7 @@ class Outage:
 
 
 class OutageLike(Protocol):
-    """Outage or engine.config.OutageConfig: anything with these four fields."""
+    """Outage or engine.core.config.OutageConfig: anything with these four fields."""
 
     start: int
     stop: int

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ExperimentConfig, build_config
+from engine.core.config import ExperimentConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from engine.runtime import start_private_ray
+    from engine.backends.runtime import start_private_ray
 
     if not ray.is_initialized():
         start_private_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")

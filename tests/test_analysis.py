@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from engine.analysis import (
+from engine.analysis.plots import curves, draw_curves, heatmap, parse_plot, save_png, write_heatmap
+from engine.analysis.summary import (
     filter_runs,
     group_by,
     key_values,
@@ -21,9 +22,8 @@ from engine.analysis import (
     query,
     render,
 )
-from engine.config import ConfigError
-from engine.logs import RoundRows, RunLogger, RunRows, outcome_row, read_table
-from engine.plots import curves, draw_curves, heatmap, parse_plot, save_png, write_heatmap
+from engine.core.errors import ConfigError
+from engine.records.logs import RoundRows, RunLogger, RunRows, outcome_row, read_table
 from tests.conftest import ROOT
 
 NA = None  # not evaluated or not applicable: a null in the files

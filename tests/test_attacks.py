@@ -7,11 +7,12 @@ import pytest
 import scipy.stats
 import torch
 
-from engine.config import AttackConfig, ConfigError, load_config
+from engine.backends.runtime import RuntimeOptions
+from engine.core.config import AttackConfig, load_config
+from engine.core.errors import ConfigError
+from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.runtime import RuntimeOptions
-from engine.seeds import SeedTree
+from engine.records.logs import read_table
 from scenarios.adversaries import (
     alie,
     alie_z,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from engine.logs import CLIENTS, ROUNDS, RUNS, read_table
+from engine.records.logs import CLIENTS, ROUNDS, RUNS, read_table
 from tests.conftest import ROOT
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 from policies.compression import (
     COMPRESSORS,
     build_compressor,

@@ -1,6 +1,7 @@
 import pytest
 
-from engine.config import ConfigError, build_config, load_config, parse_override
+from engine.core.config import build_config, load_config, parse_override
+from engine.core.errors import ConfigError
 from tests.conftest import ROOT
 
 

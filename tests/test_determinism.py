@@ -4,9 +4,9 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from engine.backends.runtime import RuntimeOptions
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.runtime import RuntimeOptions
+from engine.records.logs import read_table
 from tests.conftest import small_config
 
 METRICS = ["round", "num_updates", "train_loss", "test_loss", "test_accuracy",

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError, StageSpec
-from policies.base import Updates
+from engine.core.config import StageSpec
+from engine.core.errors import ConfigError
+from engine.core.updates import Updates
 from policies.fedau import interval_weights
 from policies.registry import build_aggregator, pools_may_reduce
 from policies.staleness import STALENESS, staleness_weight

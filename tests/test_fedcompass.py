@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.async_fl import Compass, Dispatch, Group, Server, compass_step
-from engine.config import ConfigError, load_config
+from engine.backends.runtime import InlinePools
+from engine.core.config import load_config
+from engine.core.errors import ConfigError
 from engine.experiment import run_experiment
-from engine.runtime import InlinePools
+from engine.loops.async_fl import Compass, Dispatch, Group, Server, compass_step
 from tests.conftest import ROOT, small_config
 from tests.test_world_loop import INLINE, _versions, devices_file
 

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError, ModelConfig, StageSpec, SupermaskConfig, load_config
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.pool import ClientPool, PoolSpec
+from engine.compute.training import LocalSGD
+from engine.core.config import ModelConfig, StageSpec, SupermaskConfig, load_config
+from engine.core.errors import ConfigError
+from engine.core.params import init_params
+from engine.core.seeds import SeedTree
+from engine.core.updates import Updates
 from engine.experiment import FederatedMode, run_experiment
-from engine.params import init_params
-from engine.pool import ClientPool, PoolSpec
-from engine.runtime import RuntimeOptions
-from engine.seeds import SeedTree
-from engine.training import LocalSGD
-from policies.base import Updates
 from policies.frl import frl
 from policies.registry import build_aggregator
 from scenarios.models import ModelSpec

@@ -8,17 +8,18 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from engine.config import ConfigError, StageSpec, load_config
-from engine.decentralized import consensus_summary, mix_only
+from engine.backends.runtime import RuntimeOptions, make_pools
+from engine.compute.peers import PeerPool, PeerSpec
+from engine.compute.pool import PoolSpec
+from engine.compute.training import LocalSGD
+from engine.core.config import StageSpec, load_config
+from engine.core.errors import ConfigError
+from engine.core.neighbourhood import Neighbourhood
+from engine.core.params import init_params
+from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.params import init_params
-from engine.peers import PeerPool, PeerSpec
-from engine.pool import PoolSpec
-from engine.runtime import RuntimeOptions, make_pools
-from engine.seeds import SeedTree
-from engine.training import LocalSGD
-from policies.consensus import Neighbourhood
+from engine.loops.decentralized import consensus_summary, mix_only
+from engine.records.logs import read_table
 from policies.registry import CONSENSUS, build_consensus
 from scenarios import topology
 from scenarios.adversaries import dissensus

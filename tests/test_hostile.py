@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
-from engine.config import (
+from engine.core.config import (
     MAX_CONFIG_BYTES,
     MAX_DEPTH,
-    ConfigError,
     build_config,
     load_config,
     parse_override,
 )
+from engine.core.errors import ConfigError
 from tests.conftest import ROOT, small_raw
 
 

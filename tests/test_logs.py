@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from engine.logs import MISSING, ROUNDS, RoundRows, RunLogger, read_table
+from engine.records.logs import MISSING, ROUNDS, RoundRows, RunLogger, read_table
 from tests.conftest import ROOT
 
 
@@ -71,7 +71,7 @@ def test_logs_readable_after_sigkill(tmp_path):
 
 def test_row_records_match_their_schemas():
     """Each typed row record names exactly its table's columns, in order."""
-    from engine.logs import TABLES
+    from engine.records.logs import TABLES
 
     for record, (_, schema) in TABLES.items():
         assert list(record._fields) == schema.names
@@ -80,8 +80,8 @@ def test_row_records_match_their_schemas():
 def test_outcome_and_bytes_of_a_completed_run(tmp_path):
     """A finished run has one `completed` outcome; each round's bytes are the model down to
     every selected client and its update back up: 2 x 5 clients x P float32 values."""
+    from engine.backends.runtime import RuntimeOptions
     from engine.experiment import run_experiment
-    from engine.runtime import RuntimeOptions
     from tests.conftest import small_config
 
     result = run_experiment(small_config(), RuntimeOptions("inline"), tmp_path, False)
@@ -99,7 +99,7 @@ def test_a_run_that_crashes_mid_loop_records_how_it_ended(tmp_path, monkeypatch)
     import pytest
 
     import engine.experiment as experiment
-    from engine.runtime import RuntimeOptions
+    from engine.backends.runtime import RuntimeOptions
     from tests.conftest import small_config
 
     class Exploding:

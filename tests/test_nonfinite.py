@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import Diverged
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.pool import ClientPool, PoolSpec
+from engine.compute.training import LocalSGD
+from engine.core import parallel
+from engine.core.errors import Diverged
+from engine.core.params import init_params
+from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.params import init_params
-from engine.pool import ClientPool, PoolSpec
-from engine.runtime import RuntimeOptions
-from engine.seeds import SeedTree
-from engine.training import LocalSGD
-from policies import parallel
+from engine.records.logs import read_table
 from scenarios.task import build_task
 from tests.conftest import ROOT, small_config
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, PartitionConfig, SyntheticConfig, TaskConfig
+from engine.core.config import PartitionConfig, SyntheticConfig, TaskConfig
+from engine.core.errors import ConfigError
 from scenarios.datasets import holdout_mask, load_dataset, synthetic_leaf
 from scenarios.partition import PARTITIONERS, partition
 

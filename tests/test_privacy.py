@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy import integrate
 
-from engine.config import ConfigError, StageSpec
+from engine.core.config import StageSpec
+from engine.core.errors import ConfigError
 from policies.privacy import (
     dp_gaussian,
     rdp_epsilon,

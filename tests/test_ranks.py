@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 from policies.ranks import (
     RANKING,
     borda,

@@ -7,8 +7,8 @@ import scipy.optimize
 import scipy.stats
 import torch
 
-from engine.config import ConfigError
-from policies import parallel
+from engine.core import parallel
+from engine.core.errors import ConfigError
 from policies.flag import flag_aggregator
 from policies.robust import (
     bulyan,

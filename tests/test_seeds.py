@@ -1,6 +1,6 @@
 import numpy as np
 
-from engine.seeds import SeedTree, keyed_permutations
+from engine.core.seeds import SeedTree, keyed_permutations
 
 
 def test_rows_are_permutations_then_padding():

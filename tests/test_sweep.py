@@ -14,10 +14,10 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from engine.config import ConfigError
-from engine.logs import read_table
-from engine.scheduler import InlineRunner, RayRunner, run_sweep
-from engine.sweep import finished_runs, load_sweep, pending
+from engine.core.errors import ConfigError
+from engine.records.logs import read_table
+from engine.sweeps.scheduler import InlineRunner, RayRunner, run_sweep
+from engine.sweeps.sweep import finished_runs, load_sweep, pending
 from tests.conftest import ROOT, small_raw
 
 BASE = small_raw(task={"model": {"kind": "mlp", "hidden": [16]}},

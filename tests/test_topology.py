@@ -7,7 +7,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 from scenarios.mixing import (
     MIXINGS,
     degree_stats,

@@ -1,12 +1,12 @@
 import numpy as np
 import torch
 
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.pool import ClientPool, PoolSpec
+from engine.compute.training import LocalSGD, batch_plan, step_budgets
+from engine.core.params import init_params
+from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from engine.params import init_params
-from engine.pool import ClientPool, PoolSpec
-from engine.runtime import RuntimeOptions
-from engine.seeds import SeedTree
-from engine.training import LocalSGD, batch_plan, step_budgets
 from scenarios.task import build_task
 from tests.conftest import small_config
 
@@ -125,8 +125,8 @@ def test_global_model_same_with_either_executor(tmp_path):
 
 
 def test_pool_partial_sums_match_full_deltas():
+    from engine.core.updates import Updates
     from policies.aggregation import weighted_mean
-    from policies.base import Updates
 
     pool, params = _pool("vmap")
     ids = np.array([1, 2, 5, 6, 7, 13])
@@ -138,7 +138,7 @@ def test_pool_partial_sums_match_full_deltas():
 
 
 def test_budget_and_prox_reach_the_clients_table(tmp_path):
-    from engine.logs import read_table
+    from engine.records.logs import read_table
 
     cfg = small_config(training={"max_local_steps": 3, "min_local_steps": 1, "prox_mu": 0.01})
     run_experiment(cfg, RuntimeOptions("inline"), tmp_path, False)
@@ -160,7 +160,7 @@ def test_vmap_and_loop_agree_with_a_gradient_correction():
 
 def test_scaffold_control_variates_follow_option_two():
     """c_i+ = c_i - c + (x - y_i) / (K_i lr); the pool returns sum_i (c_i+ - c_i)."""
-    from policies import tree
+    from engine.core import tree
 
     pool, params = _pool("vmap", scaffold=True)
     ids = np.array([2, 5, 11])
@@ -184,7 +184,7 @@ def test_scaffold_control_variates_follow_option_two():
 def test_scaffold_corrects_client_drift_on_skewed_digits(tmp_path):
     """configs/digits.yaml with Dirichlet(0.1) labels and 5 local epochs: measured FedAvg
     0.919, SCAFFOLD 0.961 (README)."""
-    from engine.config import load_config
+    from engine.core.config import load_config
     from tests.conftest import ROOT
 
     def final(*extra):

@@ -8,14 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, build_config
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.pool import ClientPool, PoolSpec
+from engine.compute.training import LocalSGD
+from engine.core.config import build_config
+from engine.core.errors import ConfigError
+from engine.core.params import init_params
+from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.params import init_params
-from engine.pool import ClientPool, PoolSpec
-from engine.runtime import RuntimeOptions
-from engine.seeds import SeedTree
-from engine.training import LocalSGD
+from engine.records.logs import read_table
 from policies.compression import kept_count
 from policies.privacy import rdp_epsilon
 from scenarios.task import build_task

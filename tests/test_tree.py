@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.tree import ALL_IDS, TreeSums, merge, total
+from engine.core.tree import ALL_IDS, TreeSums, merge, total
 
 
 def split_total(values, ids, cuts):

@@ -9,13 +9,14 @@ import torch
 from scipy.special import kl_div
 from torch import nn
 
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.pool import ClientPool, PoolSpec
+from engine.compute.training import DiagonalFisher, LocalSGD, pin_torch_arithmetic
+from engine.core.params import ParamSpec
+from engine.core.updates import Updates
 from engine.experiment import run_experiment
-from engine.params import ParamSpec
-from engine.pool import ClientPool, PoolSpec
-from engine.runtime import RuntimeOptions
-from engine.training import DiagonalFisher, LocalSGD, pin_torch_arithmetic
 from policies.aggregation import weighted_mean
-from policies.base import Updates, chain
+from policies.base import chain
 from policies.weighting import feddisco, fisher_merge, label_discrepancy, mwa, uniform_weights
 from tests.conftest import small_config
 
@@ -161,7 +162,7 @@ def test_pools_send_label_counts_steps_and_fisher(small_task):
 
 @pytest.fixture
 def small_task():
-    from engine.seeds import SeedTree
+    from engine.core.seeds import SeedTree
     from scenarios.task import build_task
 
     task = build_task(small_config(), SeedTree(0))

@@ -11,8 +11,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import AvailabilityConfig, ConfigError, DevicesConfig, DistributionConfig
-from engine.seeds import SeedTree
+from engine.core.config import AvailabilityConfig, DevicesConfig, DistributionConfig
+from engine.core.errors import ConfigError
+from engine.core.seeds import SeedTree
 from scenarios.availability import build_availability
 from scenarios.devices import Devices, build_devices, draw
 

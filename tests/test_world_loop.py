@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from engine.config import ConfigError
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.training import LocalSGD
+from engine.core.errors import ConfigError
+from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from engine.logs import read_table
-from engine.runtime import RuntimeOptions
-from engine.seeds import SeedTree
-from engine.training import LocalSGD
-from engine.world import SyncWorld
+from engine.loops.world import SyncWorld
+from engine.records.logs import read_table
 from policies.selection import over_selection, power_of_choice
 from tests.conftest import small_config
 
@@ -108,7 +108,7 @@ def test_faults_are_seeded_and_counted_in_the_events_table(tmp_path):
     events = read_table(result.log_dir, "events")
     counted = {k["kind"]: k["client_id_count"] for k in
                events.group_by("kind").aggregate([("client_id", "count")]).to_pylist()}
-    from engine.params import init_params
+    from engine.core.params import init_params
     from scenarios.task import build_task
 
     seeds = SeedTree(cfg.seed)
@@ -211,7 +211,7 @@ def test_fedau_runs_end_to_end_under_unknown_participation(tmp_path):
 def test_lost_messages_keep_mixing_stochastic():
     """A lost message's weight stays with the receiver (row-stochastic mixing) or with the
     sender (push-sum); dead peers are identity rows."""
-    from engine.config import FailuresConfig, TopologyConfig
+    from engine.core.config import FailuresConfig, TopologyConfig
     from scenarios.network import Network
 
     alive = np.ones(12, dtype=bool)
@@ -233,7 +233,7 @@ def test_lost_messages_keep_mixing_stochastic():
 def test_gossip_with_crashes_and_lost_messages_logs_every_fault(tmp_path):
     """The issue's command, small: D-SGD on a ring with crash-recover peers and lost
     messages completes; the events table equals a replay of the faults."""
-    from engine.config import build_config
+    from engine.core.config import build_config
     from scenarios.failures import Liveness
     from scenarios.network import Network
     from tests.conftest import small_raw
@@ -289,7 +289,7 @@ def test_the_steps_timed_are_the_steps_trained(tmp_path, world):
 def test_faulty_gossip_is_the_same_on_ray_with_two_pools(tmp_path, ray_cluster):
     """Crash-stop peers empty a whole pool's block: Ray with 2 pools and inline with 1 give
     the same models."""
-    from engine.config import build_config
+    from engine.core.config import build_config
     from tests.conftest import small_raw
 
     raw = small_raw(mode="decentralized", rounds=5, population={"num_clients": 8},

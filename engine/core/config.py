@@ -25,28 +25,14 @@ from pydantic import (
     validate_call,
 )
 
+from engine.core.errors import SHOWN_CHARS, ConfigError, shown
 
-class ConfigError(ValueError):
-    """A bad config or bad input: the message is one line naming the key and what is allowed."""
-
-
-class Diverged(ArithmeticError):
-    """The global model (or a peer's model) is no longer finite: the run ends, `diverged`."""
-
-
-SHOWN_CHARS = 100  # an echoed value is cut to about this many characters
 MAX_CONFIG_BYTES = 1 << 20  # config and sweep files over 1 MiB are refused before parsing
 MAX_OVERRIDE_CHARS = 1 << 16  # a `key=value` argument over 64 KiB is refused before parsing
 MAX_DEPTH = 32  # YAML nesting deeper than this is refused while composing
 FLOAT32_MAX = 3.4028234663852886e38  # configs feed float32 arithmetic: larger values overflow
 INT64_MAX = 2**63 - 1
 EXPERIMENT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # one path component: no "..", no "/"
-
-
-def shown(value: Any) -> str:
-    """repr(value), cut to about SHOWN_CHARS characters for an error line."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} chars)"
 
 
 class _Loader(yaml.SafeLoader):
@@ -337,7 +323,7 @@ class StalenessConfig(_Strict):
 
 class ServerConfig(_Strict):
     """How the server runs rounds: synchronously, or asynchronously in virtual time
-    (engine/async_fl.py: FedAsync, FedBuff, FedFix, and semi-asynchronous FedCompass)."""
+    (engine/loops/async_fl.py: FedAsync, FedBuff, FedFix, and semi-asynchronous FedCompass)."""
 
     mode: Literal["sync", "fedasync", "fedbuff", "fedfix", "fedcompass"] = "sync"
     concurrency: int = Field(10, ge=1, description="async: clients training at once "

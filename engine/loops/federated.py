@@ -8,20 +8,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.config import Diverged
-from engine.evaluation import Evaluator
-from engine.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
-from engine.pool import PoolResult, finite_rows
-from engine.progress import RoundProgress
-from engine.runtime import Pools, pool_of
-from engine.seeds import SeedTree
-from engine.world import COMPLETED, RoundPlan, SyncWorld
-from policies import parallel, tree
-from policies.base import Aggregator, Updates
+from engine.backends.runtime import Pools, pool_of
+from engine.compute.evaluation import Evaluator
+from engine.compute.pool import PoolResult, finite_rows
+from engine.core import parallel, tree
+from engine.core.errors import Diverged
+from engine.core.events import NONFINITE
+from engine.core.plans import COMPLETED, RoundPlan
+from engine.core.seeds import SeedTree
+from engine.core.tree import TreeSums
+from engine.core.updates import Updates
+from engine.loops.world import SyncWorld
+from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
+from engine.records.progress import RoundProgress
+from policies.base import Aggregator
 from policies.privacy import DEFAULT_ORDERS, rdp_to_epsilon, sampled_gaussian_rdp
-from policies.tree import TreeSums
 from scenarios.adversaries import Adversary
-from scenarios.failures import NONFINITE
 
 
 @dataclass(frozen=True)

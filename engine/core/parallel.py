@@ -9,7 +9,7 @@ of three kernels that split the parameter axis P into fixed-width column chunks:
 
 The chunk width is fixed, so the result never depends on who computes the chunks: the engine's
 runtime may install a `ChunkMap` that sends chunks to parallel Ray tasks
-(`engine.runtime.RayChunkMap`), and the bits are those of the serial map used by default.
+(`engine.backends.runtime.RayChunkMap`), and the bits are those of the serial map used by default.
 """
 
 from __future__ import annotations

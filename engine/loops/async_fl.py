@@ -36,16 +36,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.config import ConfigError, ServerConfig
-from engine.evaluation import Evaluator
-from engine.federated import LoopResult, check_finite
-from engine.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
-from engine.progress import RoundProgress
-from engine.runtime import Pools, pool_of
-from engine.seeds import SeedTree
-from engine.world import COMPLETED, SyncWorld
+from engine.backends.runtime import Pools, pool_of
+from engine.compute.evaluation import Evaluator
+from engine.core.config import ServerConfig
+from engine.core.errors import ConfigError
+from engine.core.events import Events
+from engine.core.plans import COMPLETED
+from engine.core.seeds import SeedTree
+from engine.loops.federated import LoopResult, check_finite
+from engine.loops.world import SyncWorld
+from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
+from engine.records.progress import RoundProgress
 from policies.staleness import staleness_weight
-from scenarios.failures import Events, round_faults
+from scenarios.failures import round_faults
 
 ARRIVAL, TICK, DEADLINE = 0, 1, 2  # event kinds, in tie-break order (DEADLINE: fedcompass)
 SPEED_MOMENTUM = 0.9  # FedCompass: weight of a client's newest speed sample (as in APPFL)

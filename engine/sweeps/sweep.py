@@ -31,16 +31,16 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.config import (
+from engine.core.config import (
     EXPERIMENT_NAME,
-    ConfigError,
     ExperimentConfig,
     apply_override,
     build_config,
     parse_override,
     read_yaml,
 )
-from engine.logs import SCHEMAS, read_table
+from engine.core.errors import ConfigError
+from engine.records.logs import SCHEMAS, read_table
 
 
 class _Strict(BaseModel):

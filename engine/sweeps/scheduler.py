@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from engine.config import Diverged
-from engine.logs import TABLES, RunLogger, error_line, outcome_row
-from engine.progress import SweepProgress
-from engine.runtime import RuntimeOptions, connect_ray
-from engine.sweep import RunSpec, Sweep, pending
+from engine.backends.runtime import RuntimeOptions, connect_ray
+from engine.core.errors import Diverged
+from engine.records.logs import TABLES, RunLogger, error_line, outcome_row
+from engine.records.progress import SweepProgress
+from engine.sweeps.sweep import RunSpec, Sweep, pending
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class RayRunner:
         self._ray, self.cpus_per_run = ray, cpus_per_run
         cpus = connect_ray(address)
         if cpus_per_run > cpus:
-            from engine.config import ConfigError
+            from engine.core.errors import ConfigError
 
             raise ConfigError(f"cpus_per_run: {cpus_per_run} is more than the cluster's "
                               f"{cpus} CPUs")

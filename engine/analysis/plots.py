@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
-from engine.analysis import (
+from engine.analysis.summary import (
     Runs,
     check_metrics,
     group_label,
@@ -25,8 +25,8 @@ from engine.analysis import (
     metric_values,
     value_order,
 )
-from engine.config import ConfigError
-from engine.logs import ROUNDS, read_table
+from engine.core.errors import ConfigError
+from engine.records.logs import ROUNDS, read_table
 
 METRIC_ALIASES = {"accuracy": "test_accuracy", "loss": "train_loss",
                   "consensus": "consensus_distance", "peer_accuracy": "peer_accuracy_mean"}

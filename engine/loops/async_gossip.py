@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.decentralized import (
+from engine.backends.runtime import Pools, pool_of
+from engine.compute.evaluation import Evaluator
+from engine.loops.decentralized import (
     GossipResult,
     GossipSetup,
     _due,
@@ -27,10 +29,8 @@ from engine.decentralized import (
     peer_accuracy,
     peer_rows,
 )
-from engine.evaluation import Evaluator
-from engine.logs import MISSING, RoundRows, RunLogger
-from engine.progress import RoundProgress
-from engine.runtime import Pools, pool_of
+from engine.records.logs import MISSING, RoundRows, RunLogger
+from engine.records.progress import RoundProgress
 from scenarios.clocks import (
     GOSSIP,
     STEP,

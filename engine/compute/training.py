@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from engine.params import ParamSpec
-from engine.seeds import keyed_permutations
+from engine.core.params import ParamSpec
+from engine.core.seeds import keyed_permutations
 
 
 def pin_torch_arithmetic() -> None:

@@ -12,62 +12,20 @@ loop trains just the clients whose updates the server will use.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from engine.config import CompressionConfig, ExperimentConfig
-from engine.seeds import SeedTree
-from engine.training import LocalSGD, local_steps
+from engine.compute.training import LocalSGD, local_steps
+from engine.core.config import CompressionConfig, ExperimentConfig
+from engine.core.events import OVER_SELECTED, STRAGGLER, Events
+from engine.core.plans import COMPLETED, RoundPlan
+from engine.core.seeds import SeedTree
 from policies.compression import build_compressor
 from policies.selection import over_selection, power_of_choice, uniform
 from scenarios.availability import Availability, build_availability
 from scenarios.devices import Devices, build_devices
-from scenarios.failures import (
-    OVER_SELECTED,
-    STRAGGLER,
-    Events,
-    Liveness,
-    round_faults,
-)
+from scenarios.failures import Liveness, round_faults
 from scenarios.population import clients_per_round
-
-COMPLETED = "completed"
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    round: int
-    start_s: float  # virtual time at which the round starts
-    selected: np.ndarray  # sorted ids the server picked
-    status: np.ndarray  # per selected client: completed, or the fault that removed it
-    steps: np.ndarray  # per selected client: local steps (0 if it did not train)
-    task_s: np.ndarray  # per selected client: dispatch to arrival (NaN if it did not train)
-    duration_s: float
-    events: Events  # the slot's crashes and churn, then the round's faults
-    bytes: int  # the model down to every client it reached, updates up from those that sent
-    up_bytes: np.ndarray  # per selected client: bytes it uploaded (compressed; 0 if none)
-
-    @property
-    def kept(self) -> np.ndarray:
-        """The clients whose updates the server aggregates."""
-        return self.selected[self.status == COMPLETED]
-
-    @property
-    def trains(self) -> np.ndarray:
-        """Selected clients that train (whether or not their update arrives in time)."""
-        return self.steps > 0
-
-    def marked(self, ids: np.ndarray, status: str) -> RoundPlan:
-        """The plan with the status of the selected `ids` set to `status` (e.g. nonfinite)."""
-        if not ids.size:
-            return self
-        changed = self.status.copy()
-        changed[np.isin(self.selected, ids)] = status
-        return dataclasses.replace(self, status=changed,
-                                   events=Events.concat([self.events, Events.of(status, ids)]))
 
 
 def upload_bytes(compression: CompressionConfig, model_bytes: int) -> int:

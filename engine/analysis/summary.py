@@ -4,7 +4,7 @@ A per-run summary (accuracy, rounds and virtual time to a target accuracy, bytes
 distance, how the run ended), keys that name a summary column or a dotted path into each run's
 stored config (so a sweep's parameters and any config value can group or filter runs), group-by
 with mean and sample std over the remaining runs (seeds), output as a terminal table, CSV or
-Markdown, and SQL over the whole dataset through DuckDB. PNG plots live in engine/plots.py.
+Markdown, and SQL over the whole dataset through DuckDB. PNG plots live in engine/analysis/plots.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from engine.config import ConfigError, parse_override
-from engine.logs import SCHEMAS, read_table
+from engine.core.config import parse_override
+from engine.core.errors import ConfigError
+from engine.records.logs import SCHEMAS, read_table
 
 DEFAULT_TARGET = 0.8
 DEFAULT_METRICS = ("final_accuracy", "best_accuracy", "consensus_dist", "rounds_to_target",

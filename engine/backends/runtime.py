@@ -16,10 +16,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.config import ConfigError
-from engine.pool import ClientPool, PoolResult, PoolSpec
-from engine.training import pin_torch_arithmetic
-from policies.parallel import ChunkMap, serial_map
+from engine.compute.pool import ClientPool, PoolResult, PoolSpec
+from engine.compute.training import pin_torch_arithmetic
+from engine.core.errors import ConfigError
+from engine.core.parallel import ChunkMap, serial_map
 from scenarios.task import FederatedTask
 
 
@@ -36,7 +36,7 @@ class RuntimeOptions:
 class Pools(Protocol):
     num_pools: int
     bounds: np.ndarray  # [num_pools + 1] client id boundaries of the shards
-    chunk_map: ChunkMap  # how holistic aggregation kernels run (policies/parallel.py)
+    chunk_map: ChunkMap  # how holistic aggregation kernels run (engine/core/parallel.py)
 
     def train(self, params: torch.Tensor, selected: np.ndarray, round_idx: int,
               pre_reduce: bool, control: torch.Tensor | None = None,
@@ -153,7 +153,7 @@ class RayChunkMap:
 
     The [K, P] stack is put in the object store once (kept for the next kernel call on the
     same tensor, e.g. gram then combine) and split into one contiguous group of chunks per
-    worker. Chunk widths are fixed by policies/parallel.py, so the results are the serial
+    worker. Chunk widths are fixed by engine/core/parallel.py, so the results are the serial
     map's bits. Stacks under `min_elements` stay in-process: shipping them costs more.
     The tasks ask for no CPU: pool actors hold the CPUs and sit idle while the driver
     aggregates.

@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.config import CompressionConfig
-from engine.params import ParamSpec, flatten_module
-from engine.seeds import SeedTree
-from engine.training import (
+from engine.compute.training import (
     EXECUTORS,
     DiagonalFisher,
     LocalSGD,
@@ -25,10 +22,13 @@ from engine.training import (
     step_budget,
     step_budgets,
 )
-from policies import tree
-from policies.base import Updates
+from engine.core import tree
+from engine.core.config import CompressionConfig
+from engine.core.params import ParamSpec, flatten_module
+from engine.core.seeds import SeedTree
+from engine.core.tree import TreeSums
+from engine.core.updates import Updates
 from policies.compression import build_compressor, with_error_feedback
-from policies.tree import TreeSums
 from scenarios.models import ModelSpec
 from scenarios.task import Shard
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.evaluation import Evaluator
-from engine.params import ParamSpec, init_params
-from engine.pool import ClientPool, PoolSpec
-from engine.seeds import splitmix64
-from policies import tree
-from policies.consensus import Consensus, Forge, Neighbourhood
-from policies.tree import TreeSums
+from engine.compute.evaluation import Evaluator
+from engine.compute.pool import ClientPool, PoolSpec
+from engine.core import tree
+from engine.core.neighbourhood import Forge, Neighbourhood
+from engine.core.params import ParamSpec, init_params
+from engine.core.seeds import splitmix64
+from engine.core.tree import TreeSums
+from policies.consensus import Consensus
 from scenarios.task import Shard
 
 
@@ -52,7 +53,7 @@ class MixPlan:
 @dataclass(frozen=True)
 class MixStats:
     """Around the driver's reference point c (float32 [P]), over this pool's honest peers'
-    models z = x / w: its part of the fixed id-tree sums (policies/tree.py) of z - c, and each
+    models z = x / w: its part of the fixed id-tree sums (engine/core/tree.py) of z - c, and each
     peer's ||z - c||^2 in float64. The driver finishes both in id order: the same bits for
     any pool layout."""
 
@@ -139,7 +140,8 @@ class PeerPool(ClientPool):
         stats = self._stats(shift, time.perf_counter() - start)
         return (stats, *self._exports(plan.exports))
 
-    # Asynchronous gossip: one call per conflict-free level of events (engine/async_gossip.py).
+    # Asynchronous gossip: one call per conflict-free level of events
+    # (engine/loops/async_gossip.py).
 
     def async_level(self, steps: np.ndarray, pairs: np.ndarray, cross: np.ndarray,
                     exports: list[np.ndarray], *imported: Export):

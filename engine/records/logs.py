@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 
 RUN_ID = pa.schema([("run_id", pa.string())])
 

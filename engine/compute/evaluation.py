@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from engine.params import ParamSpec
+from engine.core.params import ParamSpec
 from scenarios.models import ModelSpec
 
 

@@ -16,16 +16,18 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from engine.config import Diverged, FailuresConfig
-from engine.evaluation import Evaluator
-from engine.logs import MISSING, PeerRows, RoundRows, RunLogger, event_rows
-from engine.peers import MixPlan, MixStats, PeerScores, PeerTrainStats
-from engine.progress import RoundProgress
-from engine.runtime import Pools, pool_of
-from engine.seeds import SeedTree
-from policies import tree
-from policies.tree import TreeSums
-from scenarios.failures import Events, Liveness
+from engine.backends.runtime import Pools, pool_of
+from engine.compute.evaluation import Evaluator
+from engine.compute.peers import MixPlan, MixStats, PeerScores, PeerTrainStats
+from engine.core import tree
+from engine.core.config import FailuresConfig
+from engine.core.errors import Diverged
+from engine.core.events import Events
+from engine.core.seeds import SeedTree
+from engine.core.tree import TreeSums
+from engine.records.logs import MISSING, PeerRows, RoundRows, RunLogger, event_rows
+from engine.records.progress import RoundProgress
+from scenarios.failures import Liveness
 from scenarios.network import Network
 
 

@@ -1,0 +1,80 @@
+"""What a block of peers receives in one gossip step: the models it reads and the weights of
+its rows of W (see policies/consensus.py for the policies that consume it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+
+class Forged(NamedTuple):
+    """Messages Byzantine senders forge for particular receivers (e.g. the dissensus attack):
+    the message in slot `slots[e]` of row `rows[e]` is `values[e]`, not the sender's model."""
+
+    rows: torch.Tensor  # [e] int64
+    slots: torch.Tensor  # [e] int64
+    values: torch.Tensor  # [e, P] float32
+
+
+class Neighbourhood(NamedTuple):
+    """One gossip step as seen by a block of n peers.
+
+    Row i reads `models[index[i, k]]` with weight `weights[i, k]` for k < D (its own model is
+    one of them, at its place in global id order). Rows with fewer than D entries are padded
+    with their own model and weight 0 (`valid` is False there).
+    """
+
+    models: torch.Tensor  # [M, P] float32: every model the block reads
+    mass: torch.Tensor  # [M] float32: push-sum weights of those models (1 otherwise)
+    index: torch.Tensor  # [n, D] int64 rows of `models`
+    weights: torch.Tensor  # [n, D] float32 mixing weights (0 on padding)
+    valid: torch.Tensor  # [n, D] bool
+    own: torch.Tensor  # [n] int64: each peer's own row in `models`
+    forged: Forged | None = None
+    layers: tuple[tuple[int, int], ...] = ()  # (start, stop) of each parameter tensor
+
+    @property
+    def num_peers(self) -> int:
+        return int(self.index.shape[0])
+
+    def own_models(self) -> torch.Tensor:
+        return self.models[self.own]
+
+    def received(self, k: int) -> torch.Tensor:
+        """[n, P]: what each peer receives in slot k (forged messages substituted)."""
+        out = self.models[self.index[:, k]]
+        if self.forged is not None:
+            hit = self.forged.slots == k
+            if bool(hit.any()):
+                out[self.forged.rows[hit]] = self.forged.values[hit]
+        return out
+
+    def weighted_sum(self, values: Callable[[int], torch.Tensor],
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_k weights[:, k] * values(k), accumulated in slot order (fixed bits)."""
+        w = self.weights if weights is None else weights
+        out = w[:, 0, None] * values(0)
+        for k in range(1, w.shape[1]):
+            out.addcmul_(w[:, k, None], values(k))
+        return out
+
+    def mix(self) -> torch.Tensor:
+        """[n, P]: sum_j W[i, j] x_j over what each peer receives."""
+        return self.weighted_sum(self.received)
+
+    def mix_mass(self) -> torch.Tensor:
+        return (self.weights * self.mass[self.index]).sum(dim=1)
+
+    def squared_distances(self) -> torch.Tensor:
+        """[n, D] float64: ||received_k - own||^2 per slot (inf on padding)."""
+        own = self.own_models()
+        cols = [torch.linalg.vector_norm(self.received(k) - own, dim=1).double() ** 2
+                for k in range(self.index.shape[1])]
+        dist = torch.stack(cols, dim=1)
+        return dist.masked_fill(~self.valid, float("inf"))
+
+
+# (neighbourhood, Byzantine mask over its models [M]) -> forged messages, or None
+Forge = Callable[[Neighbourhood, torch.Tensor], Forged | None]
