@@ -1,8 +1,9 @@
-"""Concord command line: run a scenario config (federated or decentralized), or analyze logs.
+"""Concord command line: `python run.py <verb> ...` (a config path alone means `run`).
 
     python run.py configs/quickstart.yaml [key=value ...] [--backend inline] [--pools N]
     python run.py sweep configs/sweeps/topologies.yaml [key=value ...]
     python run.py analyze logs/<experiment>
+    python run.py plugins [KIND]
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run.py", description="Run a scenario config.")
+    p = _Parser(prog="run.py run", description="Run a scenario config (the verb `run` may be "
+                "left out: `python run.py configs/quickstart.yaml`).")
     p.add_argument("config", help="YAML scenario, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=50 seed=3")
     p.add_argument("--backend", choices=["ray", "inline"], default="ray")
@@ -35,9 +37,9 @@ def run_command(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
     if args.pools is not None and args.pools < 1:
         raise ConfigError("--pools: must be >= 1")
-    from engine.core.config import load_config
+    from engine.resolve import load
 
-    cfg = load_config(args.config, args.overrides)  # fails fast, before torch and Ray load
+    cfg = load(args.config, args.overrides)  # every plugin resolved, before Ray starts
     from engine.records.logs import check_log_dir
 
     check_log_dir(Path(args.log_dir))
@@ -158,14 +160,51 @@ def _list_runs(sweep, log_dir: Path) -> int:
     return 0
 
 
+def plugins_command(argv: list[str]) -> int:
+    p = _Parser(prog="run.py plugins", description="List every pluggable kind's registered "
+                "plugins with their parameters and defaults.")
+    p.add_argument("kind", nargs="?", help="one kind only, e.g. topology")
+    args = p.parse_args(argv)
+    from engine.contracts import CHECKERS
+    from engine.core.plugins import describe_registry
+
+    kinds = [args.kind] if args.kind else list(CHECKERS)
+    if args.kind and args.kind not in CHECKERS:
+        raise ConfigError(f"plugins: unknown kind {args.kind!r}; allowed: "
+                          f"{', '.join(CHECKERS)}")
+    for kind in kinds:
+        print(f"{kind}:")
+        for line in describe_registry(CHECKERS[kind][0]):
+            print(f"  {line}")
+    return 0
+
+
+VERBS = {
+    "run": (run_command, "run a scenario config: run [config.yaml] [key=value ...]"),
+    "sweep": (sweep_command, "run a sweep file's pending runs (finished ones are skipped)"),
+    "analyze": (analyze_command, "summarize, group, filter, plot or query an experiment's logs"),
+    "plugins": (plugins_command, "list the registered plugins of every kind, with parameters"),
+}
+
+
+def _help() -> str:
+    width = max(map(len, VERBS))
+    lines = ["usage: python run.py <verb> [arguments]   (a config path alone means `run`)", "",
+             "verbs:"]
+    lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
+    lines += ["", "`python run.py <verb> --help` describes a verb's arguments."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "analyze":
-            return analyze_command(argv[1:])
-        if argv and argv[0] == "sweep":
-            return sweep_command(argv[1:])
-        return run_command(argv[1:] if argv and argv[0] == "run" else argv)
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_help())
+            return 0 if argv else 2
+        if argv[0] in VERBS:
+            return VERBS[argv[0]][0](argv[1:])
+        return run_command(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

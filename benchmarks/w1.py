@@ -20,8 +20,7 @@ from torch.func import functional_call, grad, vmap
 
 from engine.core.config import load_config
 from engine.core.params import ParamSpec, init_params
-from engine.core.seeds import SeedTree
-from scenarios.task import build_task
+from engine.resolve import build_task
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w1.yaml"
 
@@ -31,7 +30,7 @@ def reference(cfg, warmup: int, formulation: str) -> float:
     mean of the deltas. Same data, model, selection size and hyper-parameters. `formulation`:
     "vmap_grad" (vmap(grad(loss))) or "vmap_loss" (vmap the loss, one autograd pass, as the
     engine's executor does)."""
-    task = build_task(cfg, SeedTree(cfg.seed))
+    task = build_task(cfg)
     order = np.argsort(task.owner, kind="stable")
     n, per = task.num_clients, int(task.client_sizes[0])
     x = torch.from_numpy(task.data.x_train[order]).reshape(n, per, -1)

@@ -22,10 +22,9 @@ from torch.func import functional_call, grad, vmap
 
 from engine.core.config import load_config
 from engine.core.params import ParamSpec, init_params
-from engine.core.seeds import SeedTree
+from engine.resolve import build_task
 from scenarios import topology
 from scenarios.mixing import metropolis_hastings
-from scenarios.task import build_task
 
 CHUNK = 250
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w2.yaml"
@@ -34,7 +33,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w2.yaml"
 def reference(cfg, warmup: int) -> float:
     """Every peer's parameters as one tensor [n, P]; per round, all peers take their local
     epoch together under vmap(grad(loss)), then X <- W X with a sparse CSR product."""
-    task = build_task(cfg, SeedTree(cfg.seed))
+    task = build_task(cfg)
     order = np.argsort(task.owner, kind="stable")
     n, per = task.num_clients, int(task.client_sizes[0])
     x = torch.from_numpy(task.data.x_train[order]).reshape(n, per, -1)

@@ -31,18 +31,28 @@ from engine.loops.federated import Accountant, FederatedSetup, LoopResult, feder
 from engine.loops.world import SyncWorld
 from engine.records.logs import RoundRows, RunLogger, RunRows, error_line, outcome_row
 from engine.records.progress import RoundProgress
+from engine.resolve import (
+    Plugins,
+    build_network,
+    build_task,
+    build_world,
+    config_yaml,
+    digest,
+    resolve,
+)
 from policies.registry import (
     build_aggregator,
-    build_consensus,
+    noise_multipliers,
     pools_compute_fisher,
     pools_may_reduce,
+    synchronous_only,
 )
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.failures import Liveness, peer_faults_configured
 from scenarios.models import ModelSpec
 from scenarios.network import Network
 from scenarios.population import clients_per_round
-from scenarios.task import FederatedTask, build_task
+from scenarios.task import FederatedTask
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class RunResult:
 
 
 def new_run_id(cfg: ExperimentConfig, now: datetime) -> str:
-    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}-{cfg.digest()[:8]}"
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}-{digest(cfg)[:8]}"
 
 
 DEFAULT_OPTIONS = RuntimeOptions()
@@ -77,13 +87,13 @@ class _Parts:
 
 
 def _build(cfg: ExperimentConfig) -> _Parts:
-    """Policies, the world and the task: they fail on bad configs before Ray starts."""
+    """Plugins, the world and the task: they fail on bad configs before Ray starts."""
     seeds = SeedTree(cfg.seed)
-    adversary = build_adversary(cfg.attack, cfg.population.num_clients, seeds.rng("byzantine"),
-                                cfg.mode)
-    task = build_task(cfg, seeds)
-    mode = (FederatedMode(cfg, task.model) if cfg.mode == "federated"
-            else DecentralizedMode(cfg))
+    plugins = resolve(cfg)
+    adversary = build_adversary(plugins.attack, cfg.attack.fraction, cfg.population.num_clients,
+                                seeds.rng("byzantine"))
+    task = build_task(cfg, plugins)
+    mode = PROTOCOLS[cfg.mode](cfg, plugins, task.model, seeds)
     if adversary is not None:
         task = adversary.poison(task)
     params = init_params(task.model.build, seeds.integer("init"))
@@ -94,8 +104,8 @@ def _build(cfg: ExperimentConfig) -> _Parts:
     hp = LocalSGD(t.local_epochs, batch, t.lr, t.momentum, t.prox_mu, t.max_local_steps,
                   t.min_local_steps, t.scaffold)
     world = mode.world(seeds, task, hp, params)
-    spec = PoolSpec(task.model, hp, cfg.training.executor, cfg.seed, cfg.training.compression,
-                    fisher=cfg.mode == "federated" and pools_compute_fisher(cfg.aggregation))
+    spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
+                    cfg.training.compression.error_feedback, fisher=mode.fisher)
     return _Parts(mode, seeds, adversary, task, world, params, spec)
 
 
@@ -142,22 +152,28 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
 
 
 class FederatedMode:
-    """Server-based rounds: an aggregation chain over the selected clients' updates."""
+    """Server-based: a server rule (synchronous rounds, or an asynchronous rule in virtual
+    time) and an aggregation chain over the clients' updates."""
 
-    def __init__(self, cfg: ExperimentConfig, model: ModelSpec) -> None:
-        self.cfg = cfg
-        self.aggregator = build_aggregator(cfg.aggregation, cfg.population.num_clients,
-                                           model.supermask_layers())
-        mode = cfg.server.mode
-        if mode != "sync" and (cfg.attack.kind != "none" or cfg.training.scaffold
-                               or [s.name for s in cfg.aggregation] != ["fedavg"]):
-            raise ConfigError(f"server.mode={mode} applies its own server rule: it takes "
-                              "aggregation=fedavg, no attack and no SCAFFOLD")
+    def __init__(self, cfg: ExperimentConfig, plugins: Plugins, model: ModelSpec,
+                 seeds: SeedTree) -> None:
+        self.cfg, self.plugins = cfg, plugins
+        self.aggregator = build_aggregator(plugins.aggregation, cfg.population.num_clients,
+                                           model.supermask_layers(), seeds)
+        self.fisher = pools_compute_fisher(plugins.aggregation)
+        rule = plugins.server
+        if rule.asynchronous:
+            reason = synchronous_only(plugins.aggregation)
+            if reason:
+                raise ConfigError(f"aggregation with server.mode={cfg.server.mode}: {reason}")
+            if cfg.training.scaffold:
+                raise ConfigError(f"training.scaffold with server.mode={cfg.server.mode}: "
+                                  "SCAFFOLD runs in synchronous rounds only")
 
     def world(self, seeds: SeedTree, task: FederatedTask, hp: LocalSGD,
               params: torch.Tensor) -> SyncWorld:
-        return SyncWorld(self.cfg, task.client_sizes, hp, params.numel() * params.element_size(),
-                         seeds)
+        return build_world(self.cfg, task.client_sizes, hp,
+                           params.numel() * params.element_size(), self.plugins)
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         return make_pools(task, spec, options)
@@ -167,15 +183,16 @@ class FederatedMode:
 
     def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world):
         cfg = self.cfg
-        # attackers replace updates after training: pools must then ship every delta
-        pre_reduce = pools_may_reduce(cfg.aggregation) and (
-            adversary is None or adversary.attack.corrupt is None)
-        if cfg.server.mode != "sync":
-            setup = AsyncSetup(cfg.rounds, cfg.eval_every, seeds, cfg.server, world,
-                               cfg.population.availability.slot_s)
+        if self.plugins.server.asynchronous:
+            setup = AsyncSetup(cfg.rounds, cfg.eval_every, seeds, self.plugins.server,
+                               self.aggregator, cfg.server.concurrency, world,
+                               cfg.population.availability.slot_s, adversary)
             return async_rounds(setup, pools, params, evaluator, logger, progress)
+        # attackers replace updates after training: pools must then ship every delta
+        pre_reduce = pools_may_reduce(self.plugins.aggregation) and (
+            adversary is None or adversary.attack.corrupt is None)
         setup = FederatedSetup(cfg.rounds, cfg.eval_every, seeds, pre_reduce, world, adversary,
-                               cfg.training.scaffold, _accountant(cfg))
+                               cfg.training.scaffold, _accountant(cfg, self.plugins))
         return federated_rounds(setup, pools, self.aggregator, params, evaluator, logger,
                                 progress)
 
@@ -183,27 +200,27 @@ class FederatedMode:
 class DecentralizedMode:
     """Peers on a graph: local training, then gossip steps with a consensus policy."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-        self.consensus = build_consensus(cfg.consensus, cfg.gossip.mixing)
+    def __init__(self, cfg: ExperimentConfig, plugins: Plugins, model: ModelSpec,
+                 seeds: SeedTree) -> None:
+        self.cfg, self.plugins, self.consensus = cfg, plugins, plugins.consensus
+        self.fisher = False
         if cfg.training.scaffold:
             raise ConfigError("training.scaffold: SCAFFOLD needs a server; it applies to "
                               "federated runs only")
-        if cfg.training.compression.kind != "none":
+        if not plugins.compressor.lossless:
             raise ConfigError("training.compression: compresses uploads to a server; it "
                               "applies to federated runs only")
-        if cfg.gossip.mode == "async" and (cfg.consensus[0].name != "gossip"
-                                           or cfg.attack.kind == "dissensus"
+        if cfg.gossip.mode == "async" and (not self.consensus.pairwise
+                                           or not plugins.attack.inert
                                            or peer_faults_configured(cfg.failures)):
             raise ConfigError("gossip.mode=async runs randomized pairwise averaging: it takes "
                               "consensus=gossip, no dissensus attack and no failures")
-        if peer_faults_configured(cfg.failures) and cfg.consensus[0].name == "modest":
+        if peer_faults_configured(cfg.failures) and self.consensus.sample_size is not None:
             raise ConfigError("failures: peer faults are not modelled with consensus=modest")
 
     def world(self, seeds: SeedTree, task: FederatedTask, hp: LocalSGD,
               params: torch.Tensor) -> Network:
-        return Network(self.cfg.topology, self.cfg.gossip.mixing,
-                       self.cfg.population.num_clients, seeds)
+        return build_network(self.cfg, self.plugins)
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         g = self.cfg.gossip
@@ -219,7 +236,8 @@ class DecentralizedMode:
         failures = self.cfg.failures
         if not peer_faults_configured(failures):
             return None, None
-        return failures, Liveness(failures, self.cfg.population.num_clients, seeds)
+        return failures, Liveness(failures, self.cfg.population.num_clients, seeds,
+                                  self.plugins.downtime)
 
     def describe(self, row: RunRows, network: Network) -> RunRows:
         s = network.summary()
@@ -240,14 +258,16 @@ class DecentralizedMode:
         return decentralized_rounds(setup, pools, network, evaluator, logger, progress)
 
 
-def _accountant(cfg: ExperimentConfig) -> Accountant | None:
-    """The privacy accountant when the chain adds dp_gaussian's noise."""
-    dp = [s for s in cfg.aggregation if s.name == "dp_gaussian"]
-    if not dp:
+PROTOCOLS = {"federated": FederatedMode, "decentralized": DecentralizedMode}
+
+
+def _accountant(cfg: ExperimentConfig, plugins: Plugins) -> Accountant | None:
+    """The privacy accountant when the chain adds a sampled Gaussian mechanism's noise."""
+    noise = noise_multipliers(plugins.aggregation)
+    if not noise:
         return None
-    z = float(dp[0].kwargs.get("noise_multiplier", 1.0))
     q = clients_per_round(cfg.population) / cfg.population.num_clients
-    return Accountant(z, q, cfg.server.dp_delta)
+    return Accountant(noise[0], q, cfg.server.dp_delta)
 
 
 def _byzantine_ids(adversary: Adversary | None) -> np.ndarray:
@@ -267,7 +287,7 @@ def run_row(cfg: ExperimentConfig, options: RuntimeOptions, num_pools: int | Non
     """The runs-table row (pools and parameter count unknown, None, if the run failed before
     building them)."""
     return RunRows(
-        experiment=[cfg.experiment], config_yaml=[cfg.to_yaml()], config_digest=[cfg.digest()],
+        experiment=[cfg.experiment], config_yaml=[config_yaml(cfg)], config_digest=[digest(cfg)],
         seed=[cfg.seed], mode=[cfg.mode], backend=[options.backend],
         executor=[cfg.training.executor], num_pools=np.array([num_pools], dtype=object),
         num_clients=[cfg.population.num_clients], rounds_planned=[cfg.rounds],

@@ -13,8 +13,7 @@ Memory"; Karimireddy et al., 2019, "Error Feedback Fixes SignSGD and other Gradi
 Schemes") keeps what compression dropped and adds it back next time:
 c = C(x + e), e' = x + e - c.
 
-Build one by name with `build_compressor(kind, **params)` (registry `COMPRESSORS`); a bad
-parameter is a one-line `ConfigError` naming `training.compression.<param>`.
+Each kind (registry COMPRESSORS) is a factory of its parameters.
 """
 
 from __future__ import annotations
@@ -29,10 +28,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from engine.core.config import call_validated
-from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 
-WHERE = "training.compression"
 FLOAT_BYTES = 4
 INDEX_BYTES = 4
 SEED_BYTES = 8
@@ -47,8 +44,8 @@ class Compressed(NamedTuple):
 
 
 class Compressor(NamedTuple):
-    kind: str
     compress: Callable[[torch.Tensor, np.ndarray], Compressed]
+    lossless: bool = False  # sends the update as it is: error feedback has nothing to keep
 
 
 def _rowwise(row_fn: RowFn, x: torch.Tensor, keys: np.ndarray) -> Compressed:
@@ -153,7 +150,7 @@ def _sign_row(x: torch.Tensor, key: int) -> tuple[torch.Tensor, int]:
 def none() -> Compressor:
     """No compression: the float32 update as it is, 4P bytes (the baseline of McMahan et al.,
     2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data")."""
-    return Compressor("none", partial(_rowwise, _identity_row))
+    return Compressor(partial(_rowwise, _identity_row), lossless=True)
 
 
 def topk(ratio: Ratio = 0.01) -> Compressor:
@@ -161,7 +158,7 @@ def topk(ratio: Ratio = 0.01) -> Compressor:
     Gradient Descent"; Stich et al., 2018, "Sparsified SGD with Memory"): keep the
     k = max(1, ceil(ratio * P)) entries of largest magnitude of each row (ties: the lower index),
     sent as k (float32 value, int32 index) pairs: 8k bytes."""
-    return Compressor("topk", partial(_rowwise, partial(_topk_row, ratio)))
+    return Compressor(partial(_rowwise, partial(_topk_row, ratio)))
 
 
 def randomk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
@@ -170,14 +167,14 @@ def randomk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
     server regenerates them from the 8-byte seed, so the message is 4k + 8 bytes. Values are
     scaled by P / k only when `unbiased` (Wangni et al., 2018); with error feedback the paper
     sends them unscaled, the default."""
-    return Compressor("randomk", partial(_rowwise, partial(_randomk_row, ratio, unbiased)))
+    return Compressor(partial(_rowwise, partial(_randomk_row, ratio, unbiased)))
 
 
 def quantize8() -> Compressor:
     """8-bit uniform quantization of each row on [min, max] with stochastic rounding, which is
     unbiased (the uniform-level scheme of Alistarh et al., 2017, "QSGD", with min/max instead of
     the norm as the range): 1 byte per coordinate plus the float32 min and max, P + 8 bytes."""
-    return Compressor("quantize8", partial(_rowwise, _quantize8_row))
+    return Compressor(partial(_rowwise, _quantize8_row))
 
 
 def qsgd(levels: Annotated[int, Field(ge=1)] = 16) -> Compressor:
@@ -187,7 +184,7 @@ def qsgd(levels: Annotated[int, Field(ge=1)] = 16) -> Compressor:
     |x_i| / ||x|| * s - l), then divided by s; unbiased. Encoding (no Elias coding): a float32
     norm, one sign bit and a ceil(log2(s + 1))-bit level per coordinate, packed:
     4 + ceil(P * (1 + ceil(log2(s + 1))) / 8) bytes."""
-    return Compressor("qsgd", partial(_rowwise, partial(_qsgd_row, levels)))
+    return Compressor(partial(_rowwise, partial(_qsgd_row, levels)))
 
 
 def sign() -> Compressor:
@@ -195,25 +192,13 @@ def sign() -> Compressor:
     SignSGD and other Gradient Compression Schemes"): (||x||_1 / P) * sign(x); one bit per
     coordinate plus the float32 scale, ceil(P / 8) + 4 bytes (a coordinate that is exactly 0
     decodes as 0 here, as torch.sign gives)."""
-    return Compressor("sign", partial(_rowwise, _sign_row))
+    return Compressor(partial(_rowwise, _sign_row))
 
 
-COMPRESSORS: dict[str, Callable[..., Compressor]] = {
-    "none": none,
-    "topk": topk,
-    "randomk": randomk,
-    "quantize8": quantize8,
-    "qsgd": qsgd,
+COMPRESSORS: Registry[Compressor] = Registry("compressor", {
+    "none": none, "topk": topk, "randomk": randomk, "quantize8": quantize8, "qsgd": qsgd,
     "sign": sign,
-}
-
-
-def build_compressor(kind: str, **params: object) -> Compressor:
-    """The compressor `kind` with validated `params`; ConfigError names the bad key."""
-    if kind not in COMPRESSORS:
-        allowed = ", ".join(sorted(COMPRESSORS))
-        raise ConfigError(f"{WHERE}.kind: unknown compressor {kind!r}; allowed: {allowed}")
-    return call_validated(COMPRESSORS[kind], dict(params), WHERE)
+})
 
 
 def with_error_feedback(compressor: Compressor, x: torch.Tensor, residual: torch.Tensor | None,

@@ -29,6 +29,7 @@ class Consensus(NamedTuple):
 
     update: Update
     sample_size: int | None = None
+    pairwise: bool = False  # plain pairwise averaging (asynchronous gossip runs it natively)
 
 
 def consensus_policy(mean_preserving: bool, needs_column_stochastic: bool = False):

@@ -121,3 +121,8 @@ def fedau(cutoff: Annotated[int, Field(ge=1)] = 50,
         return step, record_participation(state, k, ids)
 
     return Aggregator(init, update)
+
+
+fedau.synchronous_only = (
+    "FedAU estimates each client's participation interval over synchronous rounds; an "
+    "asynchronous server has no rounds to count")

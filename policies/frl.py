@@ -82,3 +82,8 @@ def frl(supermask_layers: tuple[int, ...] | None = None) -> Aggregator:
 
 
 frl.sets_global_model = True  # build_aggregator: no optimizer may rescale its step
+
+
+frl.synchronous_only = (
+    "FRL's vote ranks edge scores that every client trained from the same global ranking; "
+    "stale updates were trained from other rankings")

@@ -20,7 +20,7 @@ def gossip() -> Consensus:
     def update(nb: Neighbourhood):
         return nb.mix(), nb.mass[nb.own]
 
-    return Consensus(update)
+    return Consensus(update, pairwise=True)
 
 
 @consensus_policy(mean_preserving=True, needs_column_stochastic=True)

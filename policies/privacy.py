@@ -53,8 +53,8 @@ def gaussian_noise(seed: int, round_idx: int, num_params: int, std: float) -> to
 @stage("reduction")
 def dp_gaussian(noise_multiplier: Annotated[float, Field(ge=0)] = 1.0,
                 clip: Annotated[float, Field(gt=0)] = 1.0,
-                expected_clients: Annotated[int, Field(ge=1)] | None = None,
-                seed: Annotated[int, Field(ge=0)] = 0) -> Aggregator:
+                expected_clients: Annotated[int, Field(ge=1)] | None = None, *,
+                seed: int) -> Aggregator:
     """DP-FedAvg's noised fixed-denominator mean (McMahan et al., 2018, "Learning Differentially
     Private Recurrent Language Models", the estimator f_f with uniform client weights):
 
@@ -66,8 +66,9 @@ def dp_gaussian(noise_multiplier: Annotated[float, Field(ge=0)] = 1.0,
     most S, so the mean's sensitivity is S / K_exp and z is the noise multiplier that
     `rdp_epsilon` accounts for. Client weights are not used (each client counts once: user-level
     privacy with w_k = 1). The sum runs over the fixed tree of client ids (order-independent
-    bits). The noise is keyed by (seed, aggregation count); with K_exp set, a round with no
-    update still gets its noise, as in the paper.
+    bits). The noise is keyed by (seed, aggregation count), the seed drawn by the engine from
+    the run's seed tree (another run seed, other noise); with K_exp set, a round with no update
+    still gets its noise, as in the paper.
 
     The accountant's guarantee assumes each client takes part independently with probability
     q (Poisson sampling), as in the paper."""
@@ -92,6 +93,12 @@ def dp_gaussian(noise_multiplier: Annotated[float, Field(ge=0)] = 1.0,
         return total / denominator + noise, next_state
 
     return Aggregator(init, update)
+
+
+dp_gaussian.noise_parameter = "noise_multiplier"  # a sampled Gaussian mechanism: accounted
+dp_gaussian.synchronous_only = (
+    "dp_gaussian's accountant composes one sampled Gaussian mechanism per round of K of N "
+    "clients; asynchronous arrivals are not a sampled round")
 
 
 # ---------------------------------------------------------------- accountant

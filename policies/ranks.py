@@ -28,8 +28,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 
-from engine.core.config import call_validated
 from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 
 KEMENY_EXACT_MAX_ITEMS = 7  # 7! = 5040 orders: brute force stays instant
 
@@ -393,18 +393,9 @@ def bradley_terry(pseudo_count: float = 0.1, tol: float = 1e-10, max_iter: int =
 
 # ---------------------------------------------------------------- registry
 
-RANKING: dict[str, Callable[..., RankAggregator]] = {
+RANKING: Registry[RankAggregator] = Registry("rank aggregator", {
     "frl_vote": frl_vote,
     "borda": borda,
     "kemeny": kemeny,
     "bradley_terry": bradley_terry,
-}
-
-
-def make_ranking(name: str, **params: object) -> RankAggregator:
-    """RANKING[name](**params) with the parameters checked against the factory's annotations;
-    a bad name or parameter is a one-line ConfigError naming `ranking.<name>.<param>`."""
-    if name not in RANKING:
-        raise ConfigError(f"ranking: unknown aggregator {name!r}; allowed: "
-                          f"{', '.join(sorted(RANKING))}")
-    return call_validated(RANKING[name], dict(params), f"ranking.{name}")
+})

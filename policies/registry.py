@@ -1,18 +1,18 @@
-"""Registries of aggregation stages and consensus policies (Gymnasium-style: explicit dicts
-of name -> factory).
+"""Registries of aggregation stages and consensus policies, and the aggregation chain.
 
-Configs name a plugin by registry name or by an out-of-tree "package.module:attr" path whose
-factory is marked (`policies.base.stage` or `policies.consensus.consensus_policy`).
+A config names a stage or policy by registry name, or an out-of-tree factory by
+"package.module:attr" marked like the built-in ones (`policies.base.stage` or
+`policies.consensus.consensus_policy`).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from engine.core.config import StageSpec, call_validated
 from engine.core.errors import ConfigError
+from engine.core.plugins import PluginSpec, Registry
+from engine.core.seeds import SeedTree
 from policies import gossip, optimizers, robust, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
@@ -22,9 +22,25 @@ from policies.flag import flag_aggregator
 from policies.frl import frl
 from policies.privacy import dp_gaussian
 
-Factory = Callable[..., Aggregator]
+# Allowed order of stage kinds in a chain: transforms, one reduction, then optimizers.
+_RANK = {"transform": 0, "reduction": 1, "aggregator": 1, "optimizer": 2}
 
-AGGREGATION: dict[str, Factory] = {
+
+def _is_stage(factory: Callable) -> str | None:
+    if getattr(factory, "stage_kind", None) in _RANK:
+        return None
+    return "is not marked with policies.base.stage(kind)"
+
+
+def _is_consensus(factory: Callable) -> str | None:
+    if hasattr(factory, "mean_preserving"):
+        return None
+    return "is not marked with policies.consensus.consensus_policy"
+
+
+# Stage parameters the engine fills, never the config: the population size, a supermask
+# model's layer sizes, and a seed from the run's seed tree (stream aggregation.<position>).
+AGGREGATION: Registry[Aggregator] = Registry("stage", {
     # reductions
     "weighted_mean": weighted_mean,
     "coordinate_median": robust.coordinate_median,
@@ -59,74 +75,66 @@ AGGREGATION: dict[str, Factory] = {
     "fedadam": optimizers.fedadam,
     "fedau": fedau,
     "frl": frl,
-}
+}, engine=("num_clients", "supermask_layers", "seed"), check=_is_stage)
 
-CONSENSUS: dict[str, Callable[..., Consensus]] = {
+CONSENSUS: Registry[Consensus] = Registry("policy", {
     "gossip": gossip.gossip,
     "push_sum": gossip.push_sum,
     "variance_corrected": gossip.variance_corrected,
     "clipped_gossip": gossip.clipped_gossip,
     "monna": gossip.monna,
     "modest": gossip.modest,
-}
-
-# Allowed order of stage kinds in a chain: transforms, one reduction, then optimizers.
-_RANK = {"transform": 0, "reduction": 1, "aggregator": 1, "optimizer": 2}
+}, check=_is_consensus)
 
 
-def _lookup(name: str, where: str, registry: dict[str, Callable], noun: str) -> Callable:
-    if ":" not in name:
-        if name in registry:
-            return registry[name]
-        allowed = ", ".join(sorted(registry))
-        raise ConfigError(f"{where}: unknown {noun} {name!r}; allowed: {allowed} or pkg.mod:attr")
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"{where}: cannot import {name!r}") from None
+def stage_specs(value: Any) -> list[PluginSpec]:
+    """An `aggregation` value (a stage, or a list of stages) as one spec per stage."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError("aggregation: an empty chain; name at least one stage")
+    specs = [AGGREGATION.spec(item, f"aggregation[{i}]") for i, item in enumerate(items)]
+    _check_order([AGGREGATION.factory(s.kind, s.kind_where) for s in specs])
+    return specs
 
 
-def resolve(name: str, where: str) -> Factory:
-    factory = _lookup(name, where, AGGREGATION, "stage")
-    if getattr(factory, "stage_kind", None) not in _RANK:
-        raise ConfigError(f"{where}: {name!r} is not marked with policies.base.stage(kind)")
-    return factory
+def _factories(specs: Sequence[PluginSpec]) -> list[Callable]:
+    return [AGGREGATION.factory(s.kind, s.kind_where) for s in specs]
 
 
-def pools_may_reduce(specs: list[StageSpec]) -> bool:
+def pools_may_reduce(specs: Sequence[PluginSpec]) -> bool:
     """True when the chain starts with a decomposable reduction: pools then send partial sums
     of weights * deltas (hierarchical aggregation) instead of every client's delta."""
-    return bool(getattr(resolve(specs[0].name, "aggregation[0]"), "decomposable", False))
+    return bool(getattr(_factories(specs)[0], "decomposable", False))
 
 
-def pools_compute_fisher(specs: list[StageSpec]) -> bool:
+def pools_compute_fisher(specs: Sequence[PluginSpec]) -> bool:
     """True when a stage of the chain merges with Fisher weights (clients then return their
     local model's diagonal Fisher)."""
-    return any(getattr(resolve(s.name, f"aggregation[{i}]"), "needs_fisher", False)
-               for i, s in enumerate(specs))
+    return any(getattr(f, "needs_fisher", False) for f in _factories(specs))
 
 
-# Stage parameters the engine sets, never the config, and where their values come from.
-_ENGINE_SET = {"num_clients": "population", "supermask_layers": "model"}
+def noise_multipliers(specs: Sequence[PluginSpec]) -> list[float]:
+    """The noise multiplier of every stage that is a sampled Gaussian mechanism (marked with
+    `noise_parameter`): the privacy accountant composes them."""
+    out = []
+    for spec, factory in zip(specs, _factories(specs), strict=True):
+        name = getattr(factory, "noise_parameter", None)
+        if name is not None:
+            params = AGGREGATION.validated(spec.kind, spec.params, spec.where)
+            out.append(float(params.get(name, AGGREGATION.parameters(factory)[name].default)))
+    return out
 
 
-def _engine_kwargs(factory: Factory, spec: StageSpec, engine: dict[str, object],
-                   where: str) -> dict:
-    """Fill the stage's parameters named in _ENGINE_SET: `num_clients` (the population size),
-    `supermask_layers` (the edges of each layer of a supermask model, () for a dense one).
-    A None value leaves the factory's default."""
-    kwargs = dict(spec.kwargs)
-    for name in sorted(engine.keys() & inspect.signature(factory).parameters.keys()):
-        if name in spec.kwargs:
-            raise ConfigError(f"{where}.{name}: set by the {_ENGINE_SET[name]}, "
-                              "not in the config")
-        if engine[name] is not None:
-            kwargs[name] = engine[name]
-    return kwargs
+def synchronous_only(specs: Sequence[PluginSpec]) -> str | None:
+    """Why the chain needs synchronous rounds (a stage's `synchronous_only` reason), if so."""
+    for factory in _factories(specs):
+        reason = getattr(factory, "synchronous_only", None)
+        if reason:
+            return reason
+    return None
 
 
-def _check_order(factories: list[Factory]) -> None:
+def _check_order(factories: list[Callable]) -> None:
     ranks = [_RANK[f.stage_kind] for f in factories]
     if ranks != sorted(ranks) or ranks.count(1) != 1:
         raise ConfigError(
@@ -138,30 +146,37 @@ def _check_order(factories: list[Factory]) -> None:
                           "be the last one: no optimizer after it")
 
 
-def build_aggregator(specs: list[StageSpec], num_clients: int | None = None,
-                     supermask_layers: tuple[int, ...] | None = None) -> Aggregator:
-    """Validate the chain's order and parameters, then compose it. `num_clients` (the
-    population size) and `supermask_layers` (ModelSpec.supermask_layers) fill the parameters
-    of those names of stages that have one (fedau, frl)."""
-    factories = [resolve(s.name, f"aggregation[{i}]") for i, s in enumerate(specs)]
-    _check_order(factories)
-    engine = {"num_clients": num_clients, "supermask_layers": supermask_layers}
-    wheres = [f"aggregation[{i}].{s.name}" for i, s in enumerate(specs)]
-    stages = [call_validated(f, _engine_kwargs(f, s, engine, where), where)
-              for f, s, where in zip(factories, specs, wheres, strict=True)]
+def build_aggregator(specs: Sequence[PluginSpec], num_clients: int | None = None,
+                     supermask_layers: tuple[int, ...] | None = None,
+                     seeds: SeedTree | None = None) -> Aggregator:
+    """The chain of `specs`, composed. The engine's values fill the stages' parameters of
+    those names: `num_clients` (the population size), `supermask_layers`
+    (ModelSpec.supermask_layers) and `seed`, a stage's own stream of the run's seed tree
+    (`aggregation.<name>`, at its position in the chain)."""
+    seeds = seeds or SeedTree(0)
+    stages = []
+    for i, spec in enumerate(specs):
+        engine = {"num_clients": num_clients, "supermask_layers": supermask_layers,
+                  "seed": seeds.integer(f"aggregation.{spec.kind}", i)}
+        stages.append(AGGREGATION.build(spec, **{k: v for k, v in engine.items()
+                                                 if v is not None}))
     return stages[0] if len(stages) == 1 else chain(*stages)
 
 
-def build_consensus(specs: list[StageSpec], mixing: str) -> Consensus:
-    """The one consensus policy of a decentralized run, checked against the mixing weights."""
-    if len(specs) != 1:
-        raise ConfigError(f"consensus: exactly one policy, got {len(specs)}")
-    (spec,) = specs
-    factory = _lookup(spec.name, "consensus", CONSENSUS, "policy")
-    if not hasattr(factory, "mean_preserving"):
-        raise ConfigError(f"consensus: {spec.name!r} is not marked with "
-                          "policies.consensus.consensus_policy")
-    if factory.needs_column_stochastic != (mixing == "push_sum"):
-        raise ConfigError(f"consensus={spec.name} with gossip.mixing={mixing}: push_sum "
+def consensus_spec(value: Any) -> PluginSpec:
+    """A `consensus` value (one policy; a one-element list is accepted) as a spec."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ConfigError(f"consensus: exactly one policy, got {len(value)}")
+        (value,) = value
+    return CONSENSUS.spec(value, "consensus")
+
+
+def build_consensus(spec: PluginSpec, column_stochastic: bool) -> Consensus:
+    """The consensus policy, checked against the mixing weights (push-sum needs column-
+    stochastic weights, and the others row-stochastic ones)."""
+    factory = CONSENSUS.factory(spec.kind, spec.kind_where)
+    if factory.needs_column_stochastic != column_stochastic:
+        raise ConfigError(f"consensus={spec.kind} with this gossip.mixing: push_sum "
                           "consensus and push_sum mixing go together")
-    return call_validated(factory, spec.kwargs, f"consensus.{spec.name}")
+    return CONSENSUS.build(spec)

@@ -38,7 +38,7 @@ def byzantine_count(f: int | None, k: int, rule: str, most: int) -> int:
     if f is None:
         return max(most, 0)
     if f > most:
-        raise ConfigError(f"aggregation.{rule}.f: f={f} is too large for K={k} updates "
+        raise ConfigError(f"{rule}.f: f={f} is too large for K={k} updates "
                           f"(at most {max(most, 0)})")
     return f
 

@@ -53,13 +53,14 @@ def nnm(f: Annotated[int, Field(ge=0)] | None = None) -> Aggregator:
 
 
 @stage("transform", permutation_invariant=False)
-def bucketing(bucket_size: Annotated[int, Field(ge=1)] = 2, seed: int = 0) -> Aggregator:
+def bucketing(bucket_size: Annotated[int, Field(ge=1)] = 2, *, seed: int) -> Aggregator:
     """Bucketing (Karimireddy et al., 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
     via Bucketing"): shuffle the K updates at random and average them in buckets of
     `bucket_size`, giving ceil(K / bucket_size) updates for the robust reduction that follows.
     A bucket's weight, sample count, steps and label counts are its members' sums, its Fisher
     their mean, its id the lowest member id.
-    The shuffle is keyed by (seed, round), over updates ordered by client id."""
+    The shuffle is keyed by (seed, round), over updates ordered by client id; the engine draws
+    the seed from the run's seed tree."""
 
     def init(params: torch.Tensor) -> tuple[torch.Tensor]:
         return (torch.zeros((), dtype=torch.int64),)

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from engine.core.config import AttackConfig, call_validated
-from engine.core.errors import ConfigError
 from engine.core.neighbourhood import Forge, Forged, Neighbourhood
+from engine.core.plugins import Registry
 from engine.core.updates import Updates
 from scenarios.task import FederatedTask
 
@@ -36,9 +35,19 @@ class Attack:
     poisons_labels: bool = False  # flips the Byzantine clients' training labels
     forge: Forge | None = None  # forges Byzantine peers' gossip messages (decentralized)
 
-    def applies_to(self, mode: str) -> bool:
-        if mode == "federated":
-            return self.forge is None
+    @property
+    def inert(self) -> bool:
+        """Does nothing (the `none` attack): no Byzantine clients are drawn."""
+        return self.corrupt is None and not self.poisons_labels and self.forge is None
+
+    @property
+    def for_servers(self) -> bool:
+        """Applies where a server aggregates uploads (it forges no gossip messages)."""
+        return self.forge is None
+
+    @property
+    def for_peers(self) -> bool:
+        """Applies between gossip peers (it replaces no uploads to a server)."""
         return self.corrupt is None
 
 
@@ -49,6 +58,11 @@ def honest_reference(x: torch.Tensor, byzantine: torch.Tensor) -> torch.Tensor:
 
 def _repeat(row: torch.Tensor, byzantine: torch.Tensor) -> torch.Tensor:
     return row[None].expand(int(byzantine.sum()), -1).clone()
+
+
+def none() -> Attack:
+    """No attack: every client is honest."""
+    return Attack()
 
 
 def sign_flip(scale: Annotated[float, Field(gt=0)] = 1.0) -> Attack:
@@ -157,10 +171,10 @@ def dissensus(epsilon: Annotated[float, Field(gt=0)] = 1.5) -> Attack:
     return Attack(forge=forge)
 
 
-ATTACKS: dict[str, Callable[..., Attack]] = {
-    "sign_flip": sign_flip, "gaussian": gaussian, "label_flip": label_flip,
+ATTACKS: Registry[Attack] = Registry("attack", {
+    "none": none, "sign_flip": sign_flip, "gaussian": gaussian, "label_flip": label_flip,
     "alie": alie, "ipm": ipm, "min_max": min_max, "dissensus": dissensus,
-}
+})
 
 
 @dataclass(frozen=True)
@@ -170,12 +184,19 @@ class Adversary:
 
     def corrupt(self, updates: Updates, gen: torch.Generator) -> tuple[Updates, torch.Tensor]:
         """The round's updates with the Byzantine rows replaced, and the Byzantine mask [K]."""
-        mask = torch.from_numpy(self.byzantine[updates.client_ids.numpy()])
-        if self.attack.corrupt is None or not bool(mask.any()):
-            return updates, mask
-        deltas = updates.deltas.clone()
-        deltas[mask] = self.attack.corrupt(updates.deltas, mask, gen).to(deltas.dtype)
+        deltas, mask = self.corrupt_rows(updates.deltas, updates.client_ids.numpy(), gen)
         return updates._replace(deltas=deltas), mask
+
+    def corrupt_rows(self, deltas: torch.Tensor, clients: np.ndarray,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `deltas` sent by `clients` (one id per row; ids may repeat), the Byzantine
+        ones replaced; and the Byzantine mask."""
+        mask = torch.from_numpy(self.byzantine[clients])
+        if self.attack.corrupt is None or not bool(mask.any()):
+            return deltas, mask
+        out = deltas.clone()
+        out[mask] = self.attack.corrupt(deltas, mask, gen).to(out.dtype)
+        return out, mask
 
     def poison(self, task: FederatedTask) -> FederatedTask:
         """The task with the Byzantine clients' labels flipped, if the attack does that."""
@@ -187,21 +208,11 @@ class Adversary:
         return dataclasses.replace(task, data=dataclasses.replace(task.data, y_train=y))
 
 
-def build_adversary(cfg: AttackConfig, num_clients: int, rng: np.random.Generator,
-                    mode: str = "federated") -> Adversary | None:
+def build_adversary(attack: Attack, fraction: float, num_clients: int,
+                    rng: np.random.Generator) -> Adversary | None:
     """None without an attack; else exactly round(fraction * N) Byzantine clients (peers)."""
-    if cfg.kind == "none":
-        if cfg.params:
-            raise ConfigError(f"attack.{next(iter(cfg.params))}: set attack.kind to use it")
+    if attack.inert:
         return None
-    if cfg.kind not in ATTACKS:
-        allowed = ", ".join(["none", *sorted(ATTACKS)])
-        raise ConfigError(f"attack.kind: unknown attack {cfg.kind!r}; allowed: {allowed}")
-    attack = call_validated(ATTACKS[cfg.kind], cfg.params, "attack")
-    if not attack.applies_to(mode):
-        fitting = sorted(k for k, f in ATTACKS.items() if f().applies_to(mode))
-        raise ConfigError(f"attack.kind={cfg.kind} does not apply to {mode} runs; "
-                          f"allowed: {', '.join(fitting)}")
     byzantine = np.zeros(num_clients, dtype=bool)
-    byzantine[rng.choice(num_clients, round(cfg.fraction * num_clients), replace=False)] = True
+    byzantine[rng.choice(num_clients, round(fraction * num_clients), replace=False)] = True
     return Adversary(attack, byzantine)

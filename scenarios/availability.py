@@ -1,7 +1,8 @@
 """Who is online in each slot (a round, or `slot_s` virtual seconds in asynchronous runs).
 
-`build_availability(cfg, n, seeds)` returns an `Availability` whose `mask(slot)` is a bool [n]
-that depends only on (seed, slot), whatever order the slots are asked in. The kinds:
+Each kind (registry AVAILABILITY) is a factory of its parameters; the engine fills the
+population size and the seed tree. An `Availability`'s `mask(slot)` is a bool [n] that depends
+only on (seed, slot), whatever order the slots are asked in. The kinds:
 
 - always: everyone, every slot.
 - bernoulli: heterogeneous, unknown participation (FedAU: Wang & Ji, 2023, "A Lightweight
@@ -20,16 +21,22 @@ analysis; the server never sees it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from engine.core.config import AvailabilityConfig
 from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 from engine.core.seeds import SeedTree
-from scenarios.devices import check_client_ids, check_distribution, draw, read_columns
+from scenarios.devices import check_client_ids, read_columns
+from scenarios.distributions import DISTRIBUTIONS, Distribution, constant
 
 KEY = "population.availability"
+Probability = Annotated[float, Field(ge=0, le=1)]
+Rates = Annotated[Distribution, DISTRIBUTIONS]
+HALF = constant(0.5)
+ONE = constant(1)
 
 
 def _check_slot(slot: int) -> int:
@@ -39,9 +46,10 @@ def _check_slot(slot: int) -> int:
 
 
 class Availability:
-    """The base model: everyone online (kind `always`). Subclasses override `_online`."""
+    """The base model: everyone online (kind `always`). Subclasses override `_online`;
+    `chooses_steps` marks a model whose clients pick their own local steps."""
 
-    kind = "always"
+    chooses_steps = False
 
     def __init__(self, n: int, rates: np.ndarray | None) -> None:
         self.num_clients = n
@@ -63,8 +71,6 @@ class Availability:
 class Bernoulli(Availability):
     """Client i online in slot t with probability p_i, independently over slots."""
 
-    kind = "bernoulli"
-
     def __init__(self, rates: np.ndarray, seeds: SeedTree) -> None:
         super().__init__(rates.size, rates)
         self.seeds = seeds
@@ -76,17 +82,16 @@ class Bernoulli(Availability):
 class Anarchic(Bernoulli):
     """Bernoulli presence plus self-chosen local steps: round(draw from `steps`), at least 1."""
 
-    kind = "anarchic"
+    chooses_steps = True
 
-    def __init__(self, rates: np.ndarray, seeds: SeedTree, cfg: AvailabilityConfig) -> None:
+    def __init__(self, rates: np.ndarray, seeds: SeedTree, steps: Distribution) -> None:
         super().__init__(rates, seeds)
-        check_distribution(cfg.steps, f"{KEY}.steps")
-        self.steps = cfg.steps
+        self.steps = steps
 
     def local_steps(self, slot: int) -> np.ndarray:
         slot = _check_slot(slot)
         rng = self.seeds.rng("availability.steps", slot)
-        wanted = draw(self.steps, self.num_clients, rng, f"{KEY}.steps")
+        wanted = self.steps.draw(self.num_clients, rng)
         steps = np.maximum(1, np.rint(wanted)).astype(np.int64)
         return np.where(self._online(slot), steps, 0)
 
@@ -94,13 +99,11 @@ class Anarchic(Bernoulli):
 class Cyclic(Availability):
     """Online when (t + phase_i) mod period < online_fraction * period; phase_i ~ U[0, period)."""
 
-    kind = "cyclic"
-
-    def __init__(self, cfg: AvailabilityConfig, n: int, seeds: SeedTree) -> None:
-        super().__init__(n, np.full(n, cfg.online_fraction))
-        self.period = cfg.period
-        self.window = cfg.online_fraction * cfg.period
-        self.phase = seeds.rng("availability.phase").uniform(0.0, cfg.period, n)
+    def __init__(self, period: int, online_fraction: float, n: int, seeds: SeedTree) -> None:
+        super().__init__(n, np.full(n, online_fraction))
+        self.period = period
+        self.window = online_fraction * period
+        self.phase = seeds.rng("availability.phase").uniform(0.0, period, n)
 
     def _online(self, slot: int) -> np.ndarray:
         return np.mod(slot + self.phase, self.period) < self.window
@@ -111,17 +114,16 @@ class Markov(Availability):
     rng("availability", t). The chain is cached forward, with a packed checkpoint every
     `every` slots so that asking an earlier slot replays at most `every` - 1 steps."""
 
-    kind = "markov"
     every = 64
 
-    def __init__(self, cfg: AvailabilityConfig, n: int, seeds: SeedTree) -> None:
-        total = cfg.p_on_off + cfg.p_off_on
+    def __init__(self, p_on_off: float, p_off_on: float, n: int, seeds: SeedTree) -> None:
+        total = p_on_off + p_off_on
         if total <= 0:
-            raise ConfigError(f"{KEY}.p_on_off: p_on_off + p_off_on must be > 0 (a chain "
-                              f"that never moves has no stationary law)")
-        stationary = cfg.p_off_on / total
+            raise ConfigError("p_on_off: p_on_off + p_off_on must be > 0 (a chain that never "
+                              "moves has no stationary law)")
+        stationary = p_off_on / total
         super().__init__(n, np.full(n, stationary))
-        self.p_on_off, self.p_off_on, self.seeds = cfg.p_on_off, cfg.p_off_on, seeds
+        self.p_on_off, self.p_off_on, self.seeds = p_on_off, p_off_on, seeds
         start = seeds.rng("availability.start").random(n) < stationary
         self._checkpoints = {0: np.packbits(start)}
         self._slot, self._state = 0, start
@@ -147,21 +149,16 @@ class Markov(Availability):
 class Trace(Availability):
     """Online in slot t when one of the client's [start, end) intervals contains t."""
 
-    kind = "trace"
-
-    def __init__(self, cfg: AvailabilityConfig, n: int) -> None:
+    def __init__(self, path: str, n: int) -> None:
         super().__init__(n, None)
-        if cfg.path is None:
-            raise ConfigError(f"{KEY}.path: kind=trace needs a Parquet/CSV file of "
-                              f"client_id, start, end")
         where = f"{KEY}.path"
-        cols = read_columns(cfg.path, where, ("client_id", "start", "end"))
-        check_client_ids(cols["client_id"], n, f"{where}: {cfg.path}", exactly_once=False)
+        cols = read_columns(path, where, ("client_id", "start", "end"))
+        check_client_ids(cols["client_id"], n, f"{where}: {path}", exactly_once=False)
         start, end = cols["start"], cols["end"]
         bad = np.isnan(start) | np.isnan(end) | (end < start)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise ConfigError(f"{where}: {cfg.path} row {row} has end < start or a missing "
+            raise ConfigError(f"{where}: {path} row {row} has end < start or a missing "
                               f"value (start={start[row]}, end={end[row]})")
         order = np.argsort(start, kind="stable")  # intervals by start: a prefix has started
         self.client = cols["client_id"].astype(np.int64)[order]
@@ -175,22 +172,46 @@ class Trace(Availability):
         return online
 
 
-def _rates(cfg: AvailabilityConfig, n: int, seeds: SeedTree) -> np.ndarray:
+def _rates(probability: Distribution, n: int, seeds: SeedTree) -> np.ndarray:
     """p_i per client, drawn once from `probability` and clipped to [0, 1]."""
-    p = draw(cfg.probability, n, seeds.rng("availability.rates"), f"{KEY}.probability")
-    return np.clip(p, 0.0, 1.0)
+    return np.clip(probability.draw(n, seeds.rng("availability.rates")), 0.0, 1.0)
 
 
-KINDS: dict[str, Callable[[AvailabilityConfig, int, SeedTree], Availability]] = {
-    "always": lambda cfg, n, seeds: Availability(n, np.ones(n)),
-    "bernoulli": lambda cfg, n, seeds: Bernoulli(_rates(cfg, n, seeds), seeds),
-    "anarchic": lambda cfg, n, seeds: Anarchic(_rates(cfg, n, seeds), seeds, cfg),
-    "cyclic": Cyclic,
-    "markov": Markov,
-    "trace": lambda cfg, n, seeds: Trace(cfg, n),
-}
+def always(num_clients: int) -> Availability:
+    """Everyone online in every slot."""
+    return Availability(num_clients, np.ones(num_clients))
 
 
-def build_availability(cfg: AvailabilityConfig, n: int, seeds: SeedTree) -> Availability:
-    """The availability model of `cfg.kind` for clients 0..n-1."""
-    return KINDS[cfg.kind](cfg, n, seeds)
+def bernoulli(num_clients: int, seeds: SeedTree, probability: Rates = HALF) -> Availability:
+    """Heterogeneous, unknown participation: client i online with its own p_i per slot."""
+    return Bernoulli(_rates(probability, num_clients, seeds), seeds)
+
+
+def anarchic(num_clients: int, seeds: SeedTree, probability: Rates = HALF,
+             steps: Rates = ONE) -> Availability:
+    """Bernoulli presence, and each online client picks its own local steps from `steps`."""
+    return Anarchic(_rates(probability, num_clients, seeds), seeds, steps)
+
+
+def cyclic(num_clients: int, seeds: SeedTree, period: Annotated[int, Field(ge=1)] = 24,
+           online_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5) -> Availability:
+    """Diurnal windows: online for `online_fraction` of each `period`, a random phase each."""
+    return Cyclic(period, online_fraction, num_clients, seeds)
+
+
+def markov(num_clients: int, seeds: SeedTree, p_on_off: Probability = 0.1,
+           p_off_on: Probability = 0.1) -> Availability:
+    """A two-state on/off chain per client, started from its stationary law."""
+    return Markov(p_on_off, p_off_on, num_clients, seeds)
+
+
+def trace(num_clients: int, path: str) -> Availability:
+    """[start, end) slot intervals per client from a Parquet/CSV file of client_id, start,
+    end."""
+    return Trace(path, num_clients)
+
+
+AVAILABILITY: Registry[Availability] = Registry("availability model", {
+    "always": always, "bernoulli": bernoulli, "anarchic": anarchic, "cyclic": cyclic,
+    "markov": markov, "trace": trace,
+}, engine=("num_clients", "seeds"))

@@ -1,13 +1,18 @@
-"""Datasets that need no download: LEAF-style Synthetic(alpha, beta) and scikit-learn's digits."""
+"""Datasets that need no download (registry DATASETS): LEAF-style Synthetic(alpha, beta) and
+scikit-learn's digits. A dataset is a function (num_clients, rng, **parameters) -> Samples;
+`load_dataset` holds out the test set."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, NamedTuple
 
 import numpy as np
+from pydantic import Field
 
-from engine.core.config import SyntheticConfig, TaskConfig
 from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -23,9 +28,40 @@ class Dataset:
     owner_train: np.ndarray | None = None
 
 
-def synthetic_leaf(
-    cfg: SyntheticConfig, num_clients: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class Samples(NamedTuple):
+    """Pooled samples as a dataset yields them, before the test split."""
+
+    x: np.ndarray  # float32 [n, F], flat
+    y: np.ndarray  # int64 [n]
+    owner: np.ndarray | None  # the natural client of each sample, if the data have one
+    num_classes: int
+    input_shape: tuple[int, ...]  # per-sample shape the model sees
+
+
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+def synthetic(num_clients: int, rng: np.random.Generator, alpha: NonNegative = 1.0,
+              beta: NonNegative = 1.0, num_features: Annotated[int, Field(ge=1)] = 60,
+              num_classes: Annotated[int, Field(ge=2)] = 10,
+              samples_per_client: Annotated[int, Field(ge=2)] = 64,
+              quantity_sigma: NonNegative = 0.0) -> Samples:
+    """LEAF's Synthetic(alpha, beta) (Caldas et al., 2018): each client has its own softmax
+    model and input law (see synthetic_leaf). `samples_per_client` is the mean count before
+    the test split; `quantity_sigma` the lognormal spread of the counts (0: equal)."""
+    counts = _client_counts(samples_per_client, quantity_sigma, num_clients, rng)
+    x, y, owner = synthetic_leaf(alpha, beta, num_features, num_classes, counts, rng)
+    return Samples(x, y, owner, num_classes, (num_features,))
+
+
+def digits(num_clients: int, rng: np.random.Generator) -> Samples:
+    """scikit-learn's 8x8 digits (1,797 images in 10 classes, shipped inside the package)."""
+    x, y = load_digits_arrays()
+    return Samples(x, y, None, 10, (1, 8, 8))
+
+
+def synthetic_leaf(alpha: float, beta: float, f: int, c: int, counts: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthetic(alpha, beta) of LEAF (Caldas et al., 2018), as used by FedProx (Li et al., 2020).
 
     Client k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta); its model W_k, b_k ~ N(u_k, 1); its
@@ -33,11 +69,10 @@ def synthetic_leaf(
     As in the FedProx reference generator, alpha and beta are standard deviations.
     Returns x [n, F] float32, y [n] int64 and the owning client of each sample.
     """
-    f, c = cfg.num_features, cfg.num_classes
-    counts = _client_counts(cfg, num_clients, rng)
+    num_clients = counts.size
     owner = np.repeat(np.arange(num_clients), counts)
-    u = rng.normal(0.0, cfg.alpha, num_clients)
-    b_mean = rng.normal(0.0, cfg.beta, num_clients)
+    u = rng.normal(0.0, alpha, num_clients)
+    b_mean = rng.normal(0.0, beta, num_clients)
     w = rng.normal(u[:, None, None], 1.0, (num_clients, c, f))
     bias = rng.normal(u[:, None], 1.0, (num_clients, c))
     v = rng.normal(b_mean[:, None], 1.0, (num_clients, f))
@@ -51,13 +86,13 @@ def synthetic_leaf(
     return x.astype(np.float32), y, owner
 
 
-def _client_counts(cfg: SyntheticConfig, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+def _client_counts(mean: int, sigma: float, num_clients: int,
+                   rng: np.random.Generator) -> np.ndarray:
     """Equal counts, or lognormal ones with the configured mean (LEAF draws a power law)."""
-    if cfg.quantity_sigma == 0:
-        return np.full(num_clients, cfg.samples_per_client, dtype=np.int64)
-    s = cfg.quantity_sigma
-    z = rng.lognormal(-0.5 * s * s, s, num_clients)
-    return np.maximum(2, np.rint(cfg.samples_per_client * z)).astype(np.int64)
+    if sigma == 0:
+        return np.full(num_clients, mean, dtype=np.int64)
+    z = rng.lognormal(-0.5 * sigma * sigma, sigma, num_clients)
+    return np.maximum(2, np.rint(mean * z)).astype(np.int64)
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -86,21 +121,22 @@ def holdout_mask(n: int, fraction: float, owner: np.ndarray | None, rng: np.rand
     return mask
 
 
-def load_dataset(cfg: TaskConfig, num_clients: int, rng: np.random.Generator) -> Dataset:
-    """Build the task's data and hold out a test set for evaluating the global model."""
-    if cfg.dataset == "synthetic":
-        x, y, owner = synthetic_leaf(cfg.synthetic, num_clients, rng)
-        num_classes, shape = cfg.synthetic.num_classes, (cfg.synthetic.num_features,)
-    else:
-        (x, y), owner = load_digits_arrays(), None
-        num_classes, shape = 10, (1, 8, 8)
-    held = holdout_mask(len(y), cfg.test_fraction, owner, rng)
+DATASETS: Registry[Callable[..., Samples]] = Registry("dataset", {
+    "digits": digits, "synthetic": synthetic,
+}, runtime=("num_clients", "rng"))
+
+
+def load_dataset(source: Callable[..., Samples], num_clients: int, test_fraction: float,
+                 max_test_samples: int, rng: np.random.Generator) -> Dataset:
+    """The dataset's samples with a test set held out for evaluating the global model."""
+    x, y, owner, num_classes, shape = source(num_clients, rng)
+    held = holdout_mask(len(y), test_fraction, owner, rng)
     test_idx = np.flatnonzero(held)
     if test_idx.size == 0:
-        raise ConfigError(f"task.test_fraction: {cfg.test_fraction} holds out no test sample; "
+        raise ConfigError(f"task.test_fraction: {test_fraction} holds out no test sample; "
                           "raise it (or the samples per client)")
-    if test_idx.size > cfg.max_test_samples:
-        test_idx = np.sort(rng.choice(test_idx, cfg.max_test_samples, replace=False))
+    if test_idx.size > max_test_samples:
+        test_idx = np.sort(rng.choice(test_idx, max_test_samples, replace=False))
     return Dataset(
         x_train=x[~held], y_train=y[~held], x_test=x[test_idx], y_test=y[test_idx],
         num_classes=num_classes, input_shape=shape,

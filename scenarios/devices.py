@@ -1,14 +1,15 @@
 """Device profiles: each client's compute speed, bandwidths and latency, drawn once per run.
 
-A quantity is a `DistributionConfig` (constant, uniform, lognormal, Pareto or discrete tiers)
-drawn with its own seeded stream, or a column of a Parquet/CSV file (`devices.path`). A client's
-task time is latency + down_bytes / down_bps + steps * step_s + up_bytes / up_bps (the usual
-compute-plus-communication model of system heterogeneity, as in FedScale: Lai et al., 2022).
+A quantity is a distribution (scenarios/distributions.py: constant, uniform, lognormal, Pareto
+or discrete tiers) drawn with its own seeded stream, or a column of a Parquet/CSV file
+(`devices.path`). A client's task time is latency + down_bytes / down_bps + steps * step_s +
+up_bytes / up_bps (the usual compute-plus-communication model of system heterogeneity, as in
+FedScale: Lai et al., 2022).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,70 +18,12 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from engine.core.config import DevicesConfig, DistributionConfig
 from engine.core.errors import ConfigError
 from engine.core.seeds import SeedTree
+from scenarios.distributions import Distribution, check_low
 
 QUANTITIES = ("step_s", "up_bps", "down_bps", "latency_s")
 BANDWIDTHS = ("up_bps", "down_bps")
-
-
-def _constant(dist: DistributionConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    return np.full(n, dist.value, dtype=np.float64)
-
-
-def _uniform(dist: DistributionConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(dist.low, dist.high, n)
-
-
-def _lognormal(dist: DistributionConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    """exp(N(log median, sigma)): the median is `median`."""
-    return rng.lognormal(np.log(dist.median), dist.sigma, n)
-
-
-def _pareto(dist: DistributionConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Pareto type I: minimum `scale`, tail index `shape` (mean scale*shape/(shape-1))."""
-    return dist.scale * (1.0 + rng.pareto(dist.shape, n))
-
-
-def _tiers(dist: DistributionConfig, n: int, rng: np.random.Generator) -> np.ndarray:
-    weights = np.ones(len(dist.values)) if dist.weights is None else np.asarray(dist.weights)
-    return rng.choice(np.asarray(dist.values, dtype=np.float64), size=n, p=weights / weights.sum())
-
-
-DISTRIBUTIONS: dict[str, Callable[[DistributionConfig, int, np.random.Generator], np.ndarray]] = {
-    "constant": _constant, "uniform": _uniform, "lognormal": _lognormal, "pareto": _pareto,
-    "tiers": _tiers,
-}
-
-
-def draw(dist: DistributionConfig, n: int, rng: np.random.Generator,
-         where: str = "distribution") -> np.ndarray:
-    """n independent draws (float64 [n]) from `dist`; `where` names the key in errors."""
-    check_distribution(dist, where)
-    return DISTRIBUTIONS[dist.kind](dist, n, rng).astype(np.float64, copy=False)
-
-
-def check_distribution(dist: DistributionConfig, where: str) -> None:
-    """What the config schema leaves open: tier weights must be >= 0 with a positive sum."""
-    if dist.kind == "tiers" and dist.weights is not None:
-        weights = np.asarray(dist.weights, dtype=np.float64)
-        if np.any(weights < 0) or not weights.sum() > 0:
-            raise ConfigError(f"{where}.weights: must be >= 0 with a positive sum "
-                              f"(got {dist.weights})")
-
-
-def smallest_value(dist: DistributionConfig) -> float | None:
-    """The smallest value `dist` can yield; None when it yields only positive values
-    (lognormal, Pareto)."""
-    if dist.kind == "constant":
-        return dist.value
-    if dist.kind == "uniform":
-        return dist.low
-    if dist.kind == "tiers":
-        weights = dist.weights or [1.0] * len(dist.values)
-        return min(v for v, w in zip(dist.values, weights, strict=True) if w > 0)
-    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,21 +53,17 @@ class Devices:
         return self.latency_s[ids] + transfer + self.compute_time(ids, steps)
 
 
-def build_devices(cfg: DevicesConfig, n: int, seeds: SeedTree) -> Devices:
-    """Profiles for clients 0..n-1: read from `cfg.path`, else each quantity drawn from its own
-    stream `devices.<quantity>`."""
-    if cfg.path is not None:
-        columns = read_columns(cfg.path, "devices.path", ("client_id", *QUANTITIES))
-        return _devices_from_columns(columns, n, f"devices.path: {cfg.path}")
+def build_devices(quantities: Mapping[str, Distribution], path: str | None, n: int,
+                  seeds: SeedTree) -> Devices:
+    """Profiles for clients 0..n-1: read from the file at `path`, else each quantity drawn
+    from its distribution with its own stream `devices.<quantity>`."""
+    if path is not None:
+        columns = read_columns(path, "devices.path", ("client_id", *QUANTITIES))
+        return _devices_from_columns(columns, n, f"devices.path: {path}")
     for name in QUANTITIES:
-        check_distribution(getattr(cfg, name), f"devices.{name}")
-        low = smallest_value(getattr(cfg, name))
-        if low is not None and (low <= 0 if name in BANDWIDTHS else low < 0):
-            bound = "> 0" if name in BANDWIDTHS else ">= 0"
-            raise ConfigError(f"devices.{name}: values must be {bound}; this distribution "
-                              f"can yield {low}")
-    return Devices(**{name: draw(getattr(cfg, name), n, seeds.rng(f"devices.{name}"),
-                                 f"devices.{name}") for name in QUANTITIES})
+        check_low(quantities[name], f"devices.{name}", strictly_positive=name in BANDWIDTHS)
+    return Devices(**{name: quantities[name].draw(n, seeds.rng(f"devices.{name}"))
+                      for name in QUANTITIES})
 
 
 def _devices_from_columns(columns: dict[str, np.ndarray], n: int, where: str) -> Devices:

@@ -27,7 +27,7 @@ from engine.core.events import (
     Events,
 )
 from engine.core.seeds import SeedTree
-from scenarios.devices import draw
+from scenarios.distributions import Distribution
 
 
 class Liveness:
@@ -35,8 +35,9 @@ class Liveness:
     a drawn number of slots (at least 1; forever without a downtime: crash-stop), and churn
     (a share absent at the start, scheduled leaves and joins)."""
 
-    def __init__(self, cfg: FailuresConfig, n: int, seeds: SeedTree) -> None:
-        self.cfg, self.n, self.seeds = cfg, n, seeds
+    def __init__(self, cfg: FailuresConfig, n: int, seeds: SeedTree,
+                 downtime: Distribution | None = None) -> None:
+        self.cfg, self.n, self.seeds, self.downtime = cfg, n, seeds, downtime
         rng = seeds.rng("churn_start")
         self.present = rng.random(n) >= cfg.absent_at_start
         self.down_until = np.full(n, -1.0)  # slot a crashed client is back (inf: never)
@@ -73,8 +74,8 @@ class Liveness:
             return Events.of(CRASH, np.empty(0, np.int64))
         rng = self.seeds.rng("crash", slot)
         hit = np.flatnonzero(self.up(slot) & (rng.random(self.n) < self.cfg.crash.rate))
-        downtime = (np.full(hit.size, np.inf) if self.cfg.crash.downtime is None else
-                    np.maximum(1, np.ceil(draw(self.cfg.crash.downtime, hit.size, rng))))
+        downtime = (np.full(hit.size, np.inf) if self.downtime is None else
+                    np.maximum(1, np.ceil(self.downtime.draw(hit.size, rng))))
         self.down_until[hit] = slot + 1 + downtime  # down from the next slot on
         return Events.of(CRASH, hit, downtime)
 

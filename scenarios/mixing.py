@@ -16,6 +16,7 @@ import scipy.sparse.linalg as spla
 from scipy.sparse import csgraph
 
 from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 from scenarios.topology import Graph
 
 DENSE_MAX = 2048  # spectral_gap uses dense eigenvalues up to this many nodes
@@ -72,18 +73,25 @@ def push_sum(graph: Graph) -> sp.csr_matrix:
     return _assemble(graph, share[graph.src], share)
 
 
-MIXINGS: dict[str, Callable[[Graph], sp.csr_matrix]] = {
+push_sum.column_stochastic = True  # keeps sums, not averages: consensus=push_sum reads x / w
+
+Mixing = Callable[[Graph], sp.csr_matrix]
+MIXING: Registry[Mixing] = Registry("mixing", {
     "metropolis_hastings": metropolis_hastings, "max_degree": max_degree, "push_sum": push_sum,
-}
+}, runtime=("graph",))
 
 
-def mixing_matrix(graph: Graph, kind: str, alive: np.ndarray | None = None) -> sp.csr_matrix:
-    """MIXINGS[kind] on the graph among living peers (alive bool [n]; None: all alive). A dead
+def column_stochastic(mixing: Mixing) -> bool:
+    """Whether the mixing keeps column sums (push-sum) rather than row sums."""
+    return bool(getattr(getattr(mixing, "func", mixing), "column_stochastic", False))
+
+
+def mixing_matrix(graph: Graph, mixing: Mixing, alive: np.ndarray | None = None
+                  ) -> sp.csr_matrix:
+    """W of `mixing` on the graph among living peers (alive bool [n]; None: all alive). A dead
     peer has no arcs there, so its row and column are the identity's and every row of a
     living peer is stochastic over living peers only."""
-    if kind not in MIXINGS:
-        raise ConfigError(f"gossip.mixing: unknown {kind!r}; allowed: {', '.join(MIXINGS)}")
-    return MIXINGS[kind](graph if alive is None else graph.restricted(alive))
+    return mixing(graph if alive is None else graph.restricted(alive))
 
 
 def spectral_gap(w: sp.spmatrix | np.ndarray, maxiter: int = 1000) -> float:

@@ -3,23 +3,20 @@ scheduled outages, and the mixing matrix W the gossip step uses in each round. A
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 from scipy import sparse
 
-from engine.core.config import FailuresConfig, TopologyConfig
+from engine.core.config import FailuresConfig
 from engine.core.errors import ConfigError
 from engine.core.events import LINK_DOWN, MESSAGE_LOST, Events
 from engine.core.seeds import SeedTree
 from scenarios import topology
-from scenarios.mixing import degree_stats, mixing_matrix, spectral_gap
+from scenarios.mixing import Mixing, column_stochastic, degree_stats, mixing_matrix, spectral_gap
 from scenarios.topology import Graph, Outage
-
-# The config keys each generator takes (the others do not apply to it).
-_PARAMS = {"random_regular": ("degree",), "erdos_renyi": ("p",), "small_world": ("k", "beta"),
-           "barabasi_albert": ("m",), "edge_list": ("path", "directed")}
 
 
 @dataclass(frozen=True)
@@ -35,39 +32,44 @@ class NetworkSummary:
 
 
 class Network:
-    def __init__(self, cfg: TopologyConfig, mixing: str, num_peers: int, seeds: SeedTree) -> None:
-        self.cfg, self.mixing_kind, self.n, self.seeds = cfg, mixing, num_peers, seeds
-        self.outages = [Outage(o.start, o.stop, o.fraction, o.parts) for o in cfg.outages]
+    """`topology(n, rng)` draws the graph (a TOPOLOGIES entry with its parameters bound): once
+    from the `topology` stream, or (`redraw`) every round from `(topology, round)`. `mixing`
+    (a MIXING entry) turns each round's graph into W. `label` names the topology in the runs
+    table."""
+
+    def __init__(self, topology: Callable[..., Graph], mixing: Mixing, num_peers: int,
+                 seeds: SeedTree, label: str = "", redraw: bool = False,
+                 allow_disconnected: bool = False, outages: Sequence = ()) -> None:
+        self.topology, self.mixing_fn, self.n, self.seeds = topology, mixing, num_peers, seeds
+        self.label, self.redraw, self.allow_disconnected = label, redraw, allow_disconnected
+        self.outages = [Outage(o.start, o.stop, o.fraction, o.parts) for o in outages]
         first = self.graph(0)  # fails fast on bad parameters or a disconnected graph
-        if first.directed and mixing != "push_sum":
+        if first.directed and not column_stochastic(mixing):
             raise ConfigError(
-                f"topology.kind={cfg.kind} is directed: set gossip.mixing=push_sum "
+                f"topology.kind={label} is directed: set gossip.mixing=push_sum "
                 "(with consensus=push_sum)")
+
+    def _draw(self, rng: np.random.Generator) -> Graph:
+        graph = self.topology(self.n, rng)
+        if not self.allow_disconnected:
+            topology.check_connected(graph, f"topology.kind={self.label}")
+        return graph
 
     @cached_property
     def _static(self) -> Graph:
-        params = {key: getattr(self.cfg, key) for key in _PARAMS.get(self.cfg.kind, ())}
-        graph = topology.TOPOLOGIES[self.cfg.kind](self.n, self.seeds.rng("topology"), **params)
-        if not self.cfg.allow_disconnected:
-            topology.check_connected(graph, f"topology.kind={self.cfg.kind}")
-        return graph
+        return self._draw(self.seeds.rng("topology"))
 
     def graph(self, round_idx: int) -> Graph:
         """The graph of `round_idx`: static or freshly drawn, minus the scheduled outages."""
-        rng = self.seeds.rng("topology", round_idx)
-        if self.cfg.dynamic == "random_regular":
-            graph = topology.random_regular(self.n, rng, degree=self.cfg.degree)
-        elif self.cfg.dynamic == "matching":
-            graph = topology.random_matching(self.n, rng)
-        else:
-            graph = self._static
+        graph = self._draw(self.seeds.rng("topology", round_idx)) if self.redraw \
+            else self._static
         for i, outage in enumerate(self.outages):
             graph = topology.apply_outages(graph, round_idx, [outage],
                                            self.seeds.rng("outage", i, round_idx))
         return graph
 
     def mixing(self, round_idx: int) -> sparse.csr_matrix:
-        return mixing_matrix(self.graph(round_idx), self.mixing_kind)
+        return mixing_matrix(self.graph(round_idx), self.mixing_fn)
 
     def faulty_mixing(self, round_idx: int, alive: np.ndarray, failures: FailuresConfig
                       ) -> tuple[sparse.csr_matrix, Events]:
@@ -80,10 +82,10 @@ class Network:
         graph = self.graph(round_idx).restricted(alive)
         graph, down = _drop_links(graph, failures.link_failure,
                                   self.seeds.rng("link_failure", round_idx))
-        w = sparse.coo_matrix(mixing_matrix(graph, self.mixing_kind))
+        w = sparse.coo_matrix(mixing_matrix(graph, self.mixing_fn))
         rng = self.seeds.rng("message_loss", round_idx)
         lost = (w.row != w.col) & (rng.random(w.nnz) < failures.message_loss)
-        keeper = w.col[lost] if self.mixing_kind == "push_sum" else w.row[lost]
+        keeper = w.col[lost] if column_stochastic(self.mixing_fn) else w.row[lost]
         data = np.where(lost, 0.0, w.data)
         rows, cols = np.concatenate([w.row, keeper]), np.concatenate([w.col, keeper])
         mixed = sparse.csr_matrix((np.concatenate([data, w.data[lost]]), (rows, cols)),
@@ -110,8 +112,8 @@ class Network:
     def summary(self) -> NetworkSummary:
         graph = self.graph(0)
         low, mean, high = degree_stats(graph)
-        return NetworkSummary(self.cfg.kind, graph.num_edges, int(low), float(mean), int(high),
-                              float(spectral_gap(mixing_matrix(graph, self.mixing_kind))))
+        return NetworkSummary(self.label, graph.num_edges, int(low), float(mean), int(high),
+                              float(spectral_gap(mixing_matrix(graph, self.mixing_fn))))
 
 
 def _drop_links(graph: Graph, p: float, rng: np.random.Generator) -> tuple[Graph, Events]:

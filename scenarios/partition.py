@@ -1,57 +1,77 @@
-"""Partitioners: which client owns each training sample.
+"""Partitioners (registry PARTITIONS): which client owns each training sample.
 
-Each returns `owner` [n] (a client id per sample) in which every client owns at least one sample.
+A partitioner is a function (labels, num_clients, rng, natural_owner, **parameters) -> owner
+[n] (a client id per sample) in which every client owns at least one sample. `natural_owner`
+is the dataset's own client of each sample, where it has one (LEAF-style synthetic data).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from engine.core.config import PartitionConfig
 from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 
-Partitioner = Callable[[np.ndarray, int, PartitionConfig, np.random.Generator], np.ndarray]
+Concentration = Annotated[float, Field(gt=0)]
+Partitioner = Callable[..., np.ndarray]
 
 
-def iid(labels: np.ndarray, n: int, cfg: PartitionConfig, rng: np.random.Generator) -> np.ndarray:
+def natural(labels: np.ndarray, n: int, rng: np.random.Generator,
+            natural_owner: np.ndarray | None) -> np.ndarray:
+    """The dataset's own clients (each LEAF Synthetic client's samples stay its own)."""
+    if natural_owner is None:
+        raise ConfigError("partition.kind: natural needs a per-client dataset (synthetic); "
+                          "allowed here: " + ", ".join(n for n in PARTITIONS.names()
+                                                        if n != "natural"))
+    return natural_owner.astype(np.int64)
+
+
+def iid(labels: np.ndarray, n: int, rng: np.random.Generator,
+        natural_owner: np.ndarray | None) -> np.ndarray:
     """Uniformly random, near-equal shares."""
     owner = np.empty(labels.size, dtype=np.int64)
     owner[rng.permutation(labels.size)] = np.arange(labels.size) % n
-    return owner
+    return _ensure_nonempty(owner, n)
 
 
-def dirichlet(labels, n, cfg, rng) -> np.ndarray:
+def dirichlet(labels: np.ndarray, n: int, rng: np.random.Generator,
+              natural_owner: np.ndarray | None, alpha: Concentration = 0.5) -> np.ndarray:
     """Label skew: each class is split over clients with proportions ~ Dir(alpha)
     (Hsu et al., 2019, "Measuring the Effects of Non-Identical Data Distribution")."""
     owner = np.empty(labels.size, dtype=np.int64)
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        owner[idx] = _split_by_proportions(idx.size, rng.dirichlet(np.full(n, cfg.alpha)))
-    return owner
+        owner[idx] = _split_by_proportions(idx.size, rng.dirichlet(np.full(n, alpha)))
+    return _ensure_nonempty(owner, n)
 
 
-def shards(labels, n, cfg, rng) -> np.ndarray:
+def shards(labels: np.ndarray, n: int, rng: np.random.Generator,
+           natural_owner: np.ndarray | None,
+           shards_per_client: Annotated[int, Field(ge=1)] = 2) -> np.ndarray:
     """Pathological non-IID (McMahan et al., 2017): sort by label, cut into n * s shards,
     give each client s random shards."""
     order = rng.permutation(labels.size)
     order = order[np.argsort(labels[order], kind="stable")]
-    num_shards = n * cfg.shards_per_client
+    num_shards = n * shards_per_client
     shard_of_client = rng.permutation(num_shards) % n
     owner = np.empty(labels.size, dtype=np.int64)
     for shard, idx in enumerate(np.array_split(order, num_shards)):
         owner[idx] = shard_of_client[shard]
-    return owner
+    return _ensure_nonempty(owner, n)
 
 
-def quantity(labels, n, cfg, rng) -> np.ndarray:
+def quantity(labels: np.ndarray, n: int, rng: np.random.Generator,
+             natural_owner: np.ndarray | None, alpha: Concentration = 0.5) -> np.ndarray:
     """Quantity skew: shares of the (shuffled) samples ~ Dir(alpha) (Li et al., NIID-Bench)."""
     owner = np.empty(labels.size, dtype=np.int64)
     owner[rng.permutation(labels.size)] = _split_by_proportions(
-        labels.size, rng.dirichlet(np.full(n, cfg.alpha))
+        labels.size, rng.dirichlet(np.full(n, alpha))
     )
-    return owner
+    return _ensure_nonempty(owner, n)
 
 
 def _split_by_proportions(size: int, proportions: np.ndarray) -> np.ndarray:
@@ -72,26 +92,17 @@ def _ensure_nonempty(owner: np.ndarray, n: int) -> np.ndarray:
     return owner
 
 
-PARTITIONERS: dict[str, Partitioner] = {
-    "iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity": quantity,
-}
+PARTITIONS: Registry[Partitioner] = Registry("partition", {
+    "natural": natural, "iid": iid, "dirichlet": dirichlet, "shards": shards,
+    "quantity": quantity,
+}, runtime=("labels", "n", "rng", "natural_owner"))
 
 
-def partition(
-    labels: np.ndarray,
-    num_clients: int,
-    cfg: PartitionConfig,
-    rng: np.random.Generator,
-    natural_owner: np.ndarray | None = None,
-) -> np.ndarray:
-    """Dispatch on cfg.kind; `natural` keeps the dataset's own client of each sample."""
+def partition(labels: np.ndarray, num_clients: int, partitioner: Partitioner,
+              rng: np.random.Generator, natural_owner: np.ndarray | None = None) -> np.ndarray:
+    """owner [n] by `partitioner` (a PARTITIONS entry with its parameters bound)."""
     if labels.size < num_clients:
         raise ConfigError(
             f"population.num_clients: {num_clients} exceeds the {labels.size} training samples"
         )
-    if cfg.kind == "natural":
-        if natural_owner is None:
-            raise ConfigError("partition.kind: natural needs a per-client dataset (synthetic); "
-                              "allowed here: " + ", ".join(PARTITIONERS))
-        return natural_owner.astype(np.int64)
-    return _ensure_nonempty(PARTITIONERS[cfg.kind](labels, num_clients, cfg, rng), num_clients)
+    return partitioner(labels, num_clients, rng, natural_owner)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.config import ExperimentConfig
+from engine.core.config import SupermaskConfig
 from engine.core.seeds import SeedTree
 from scenarios.datasets import Dataset, load_dataset
 from scenarios.models import ModelSpec
@@ -47,11 +48,16 @@ class FederatedTask:
         )
 
 
-def build_task(cfg: ExperimentConfig, seeds: SeedTree) -> FederatedTask:
-    n = cfg.population.num_clients
-    data = load_dataset(cfg.task, n, seeds.rng("data"))
-    owner = partition(data.y_train, n, cfg.partition, seeds.rng("partition"), data.owner_train)
-    model = ModelSpec(cfg.task.model, data.input_shape, data.num_classes,
+def build_task(dataset: Callable, partitioner: Callable, architecture: Callable,
+               num_clients: int, seeds: SeedTree, test_fraction: float,
+               max_test_samples: int, supermask: SupermaskConfig | None = None
+               ) -> FederatedTask:
+    """The data (a DATASETS entry, test set held out), who owns each training sample (a
+    PARTITIONS entry) and the model (a MODELS architecture), all from the seed tree."""
+    data = load_dataset(dataset, num_clients, test_fraction, max_test_samples, seeds.rng("data"))
+    owner = partition(data.y_train, num_clients, partitioner, seeds.rng("partition"),
+                      data.owner_train)
+    model = ModelSpec(architecture, data.input_shape, data.num_classes, supermask,
                       weight_seed=seeds.integer("supermask_weights"))
     model.build()  # fail early on an architecture that does not fit the data
-    return FederatedTask(data=data, owner=owner, model=model, num_clients=n)
+    return FederatedTask(data=data, owner=owner, model=model, num_clients=num_clients)

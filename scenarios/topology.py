@@ -8,12 +8,11 @@ are the same generators called with a per-round generator: a fresh random d-regu
 round is `random_regular(n, seeds.rng("topology", round), degree=d)`, and a random pairwise
 gossip round is `random_matching(n, seeds.rng("topology", round))`.
 
-Validation errors are `ConfigError`s naming `topology.<param>` (the keys of TopologyConfig).
+Validation errors are `ConfigError`s naming `topology.<param>`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import scipy.sparse as sp
 from scipy.sparse import csgraph
 
 from engine.core.errors import ConfigError
+from engine.core.plugins import Registry
 
 
 @dataclass(frozen=True, eq=False)
@@ -378,27 +378,14 @@ def _parse_line(raw: str, n: int, path: str | Path, lineno: int) -> tuple[int, i
 
 # --- Registry ------------------------------------------------------------------------------
 
-TopologyFactory = Callable[..., Graph]
-
-TOPOLOGIES: dict[str, TopologyFactory] = {
+# A topology is a function (num_nodes, rng, **parameters) -> Graph; `build` binds the
+# parameters, so the network can draw the graph again each round (`dynamic: redraw`).
+TOPOLOGIES: Registry[Callable[..., Graph]] = Registry("topology", {
     "ring": ring, "torus": torus, "grid": grid, "complete": complete, "star": star,
     "random_regular": random_regular, "erdos_renyi": erdos_renyi, "small_world": small_world,
     "barabasi_albert": barabasi_albert, "exponential": exponential, "hypercube": hypercube,
     "edge_list": edge_list, "random_matching": random_matching,
-}
-
-
-def build_topology(kind: str, n: int, rng: np.random.Generator, **params: Any) -> Graph:
-    """TOPOLOGIES[kind](n, rng, **params), with an unknown kind or parameter reported as a
-    one-line ConfigError. Callers pass only the parameters their kind takes."""
-    if kind not in TOPOLOGIES:
-        raise ConfigError(f"topology.kind: unknown {kind!r}; allowed: {', '.join(TOPOLOGIES)}")
-    factory = TOPOLOGIES[kind]
-    allowed = list(inspect.signature(factory).parameters)[2:]
-    for name in params:
-        _need(name in allowed, name, f"not a parameter of {kind}; allowed: "
-              f"{', '.join(allowed) or 'none'}", params[name])
-    return factory(n, rng, **params)
+}, runtime=("n", "rng"))
 
 
 def check_connected(graph: Graph, where: str) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import pytest
 
-from engine.core.config import ExperimentConfig, build_config
+from engine.core.config import ExperimentConfig, apply_override, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +37,18 @@ SMALL = {
 
 
 def small_raw(**sections) -> dict:
-    """SMALL with sections merged in (a dict section updates SMALL's, others replace)."""
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in SMALL.items()}
+    """SMALL with sections merged in: each key of a dict section is set as an override would
+    set it (a plugin's new kind keeps the old kind's parameters under the old name); other
+    values replace."""
+    from engine.resolve import CATALOG
+
+    raw = copy.deepcopy(SMALL)
     for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                apply_override(raw, [key, inner], item, CATALOG)
+        else:
+            raw[key] = value
     return raw
 
 

@@ -8,11 +8,11 @@ import scipy.stats
 import torch
 
 from engine.backends.runtime import RuntimeOptions
-from engine.core.config import AttackConfig, load_config
 from engine.core.errors import ConfigError
 from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.records.logs import read_table
+from engine.resolve import build_task, load, resolve
 from scenarios.adversaries import (
     alie,
     alie_z,
@@ -23,7 +23,6 @@ from scenarios.adversaries import (
     min_max_gamma,
     sign_flip,
 )
-from scenarios.task import build_task
 from tests.conftest import ROOT, small_config
 from tests.test_policies import updates
 
@@ -60,10 +59,16 @@ def test_min_max_gamma_is_the_largest_that_fits():
     assert torch.allclose(min_max().corrupt(X, BYZ, GEN)[0], HONEST.mean(0) + gamma * p)
 
 
+def adversary_of(cfg, n: int, rng):
+    """The run's adversary: its attack resolved from the config, its Byzantine set drawn."""
+    return build_adversary(resolve(cfg).attack, cfg.attack.fraction, n, rng)
+
+
 def test_attackers_are_seeded_and_counted():
-    a = build_adversary(AttackConfig(kind="alie", fraction=0.2), 50, SeedTree(3).rng("byzantine"))
-    b = build_adversary(AttackConfig(kind="alie", fraction=0.2), 50, SeedTree(3).rng("byzantine"))
-    c = build_adversary(AttackConfig(kind="alie", fraction=0.2), 50, SeedTree(4).rng("byzantine"))
+    cfg = small_config(attack={"kind": "alie", "fraction": 0.2})
+    a = adversary_of(cfg, 50, SeedTree(3).rng("byzantine"))
+    b = adversary_of(cfg, 50, SeedTree(3).rng("byzantine"))
+    c = adversary_of(cfg, 50, SeedTree(4).rng("byzantine"))
     assert a.byzantine.sum() == 10 and np.array_equal(a.byzantine, b.byzantine)
     assert not np.array_equal(a.byzantine, c.byzantine)
     u = updates(X.tolist(), [1] * 5, ids=[0, 1, 2, 3, 4])
@@ -75,8 +80,8 @@ def test_attackers_are_seeded_and_counted():
 def test_label_flip_poisons_exactly_the_attackers_rows():
     cfg = small_config(attack={"kind": "label_flip", "fraction": 0.25})
     seeds = SeedTree(cfg.seed)
-    adversary = build_adversary(cfg.attack, 20, seeds.rng("byzantine"))
-    task = build_task(cfg, seeds)
+    adversary = adversary_of(cfg, 20, seeds.rng("byzantine"))
+    task = build_task(cfg)
     poisoned = adversary.poison(task)
     rows = adversary.byzantine[task.owner]
     y, flipped = task.data.y_train, poisoned.data.y_train
@@ -85,18 +90,20 @@ def test_label_flip_poisons_exactly_the_attackers_rows():
 
 
 @pytest.mark.parametrize("attack, message", [
-    ({"kind": "nope"}, "attack.kind: unknown attack 'nope'; allowed: none, alie"),
-    ({"kind": "alie", "zz": 1}, "attack.zz: unknown parameter"),
+    ({"kind": "nope"}, "attack.kind: unknown attack 'nope'; allowed: alie, dissensus"),
+    ({"kind": "alie", "zz": 1}, "attack.zz: attack 'alie' takes no parameter 'zz'"),
     ({"kind": "ipm", "epsilon": -1}, "attack.epsilon: Input should be greater than 0"),
-    ({"scale": 4}, "attack.scale: set attack.kind to use it"),
+    ({"scale": 4}, "attack.scale: attack 'none' takes no parameter 'scale'"),
+    ({"kind": "dissensus", "fraction": 0.1}, "attack.kind=dissensus does not apply to "
+                                             "federated runs"),
 ])
 def test_bad_attack_configs(attack, message):
     with pytest.raises(ConfigError, match=message):
-        build_adversary(AttackConfig(**attack), 10, np.random.default_rng(0))
+        resolve(small_config(attack=attack))
 
 
 def final_accuracy(tmp_path, *overrides):
-    cfg = load_config(ROOT / "configs/byzantine_alie.yaml", list(overrides))
+    cfg = load(ROOT / "configs/byzantine_alie.yaml", list(overrides))
     result = run_experiment(cfg, RuntimeOptions(backend="inline"), tmp_path, show_progress=False)
     return result
 
@@ -126,8 +133,8 @@ def test_attackers_are_marked_in_the_logs(tmp_path):
     result = final_accuracy(tmp_path, "rounds=3", "attack.kind=ipm")
     clients = read_table(result.log_dir, "clients")
     rounds = read_table(result.log_dir, "rounds")
-    cfg = load_config(ROOT / "configs/byzantine_alie.yaml")
-    byz = build_adversary(cfg.attack, 50, SeedTree(cfg.seed).rng("byzantine")).byzantine
+    cfg = load(ROOT / "configs/byzantine_alie.yaml")
+    byz = adversary_of(cfg, 50, SeedTree(cfg.seed).rng("byzantine")).byzantine
     marked = clients["byzantine"].to_numpy(zero_copy_only=False)
     assert np.array_equal(marked, byz[clients["client_id"].to_numpy()])
     assert pc.sum(rounds["num_byzantine"]).as_py() == marked.sum() > 0

@@ -1,7 +1,10 @@
+import re
+
 import pytest
 
 from engine.core.config import build_config, load_config, parse_override
 from engine.core.errors import ConfigError
+from engine.resolve import load, resolve
 from tests.conftest import ROOT
 
 
@@ -32,7 +35,7 @@ def test_dotted_overrides_reach_nested_keys():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"task": {"foo": 1}}, "task.foo: unknown key"),
+    ({"training": {"foo": 1}}, "training.foo: unknown key"),
     ({"rounds": "5"}, "rounds: Input should be a valid integer"),
     ({"training": {"lr": -0.1}}, "training.lr: Input should be greater than 0"),
     ({"population": {"participation": {"fraction": 1.5}}},
@@ -41,7 +44,6 @@ def test_dotted_overrides_reach_nested_keys():
      "clients_per_round=10 exceeds num_clients=5"),
     ({"population": {"participation": {"fraction": 0.5, "clients_per_round": 3}}},
      "set exactly one of clients_per_round or fraction"),
-    ({"aggregation": [1]}, "aggregation: a stage is a name or a one-key mapping"),
     ({"seed": 2**64}, "seed: integer out of range"),
     ({"seed": 2**63 - 1 + 1}, "seed: integer out of range"),
 ])
@@ -49,6 +51,30 @@ def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
         build_config(raw)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"task": {"foo": 1}}, "task.foo: dataset 'digits' takes no parameter 'foo'"),
+    ({"aggregation": [1]}, "aggregation[0]: a stage is a name or a mapping (got 1)"),
+    ({"topology": {"kind": "ring", "degree": 9}}, "topology.degree: topology 'ring' takes no"),
+    ({"selection": {"factor": 5}}, "selection.factor: selection policy 'uniform' takes no"),
+    ({"topology": {"kind": "ring", "torus": {"degree": 3}}}, "topology.torus.degree: "),
+])
+def test_plugin_parameters_are_checked_when_resolved(raw, message):
+    """A parameter the chosen kind does not take is named, and so is one kept for another
+    kind that that kind does not take either."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(build_config(raw))
+
+
+def test_a_kind_switch_keeps_the_old_kinds_parameters_under_its_name():
+    cfg = load(ROOT / "configs/digits.yaml", ["task.model.kind=cnn"])
+    assert cfg.task.model.items == {"mlp": {"hidden": [64]}}
+    cfg = load(ROOT / "configs/fedbuff_async.yaml", ["server.staleness.kind=sqrt"])
+    assert cfg.server.items["staleness"] == {"kind": "sqrt", "polynomial": {"a": 0.5}}
+    cfg = load(ROOT / "configs/gossip_smallworld.yaml", ["topology.p=0.01",
+                                                        "topology.kind=erdos_renyi"])
+    assert cfg.topology.items == {"p": 0.01, "small_world": {"k": 4, "beta": 0.1}}
 
 
 def test_resolved_config_round_trips_through_yaml():

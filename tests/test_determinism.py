@@ -66,7 +66,7 @@ def test_scaffold_is_layout_independent(tmp_path, ray_cluster):
 @pytest.mark.parametrize("executor", ["vmap", "loop"])
 def test_every_model_is_layout_independent(tmp_path, model, executor):
     """1 pool, 3 pools and 20 pools (one client each, most idle in a round): same bits."""
-    cfg = small_config(rounds=2, task={"model": {"kind": model, "hidden": [16]}},
+    cfg = small_config(rounds=2, task={"model": {"kind": model, "mlp": {"hidden": [16]}}},
                        training={"executor": executor, "batch_size": 100})
     params = [run_experiment(cfg, RuntimeOptions("inline", pools=n), tmp_path, False).loop.params
               for n in (1, 3, 20)]

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.config import StageSpec
 from engine.core.errors import ConfigError
 from engine.core.updates import Updates
 from policies.fedau import interval_weights
-from policies.registry import build_aggregator, pools_may_reduce
+from policies.registry import build_aggregator, pools_may_reduce, stage_specs
 from policies.staleness import STALENESS, staleness_weight
 
 
@@ -24,7 +23,7 @@ def one_hot_round(ids: list[int], num_clients: int) -> Updates:
 
 def fedau_weights_by_round(schedule: list[list[int]], num_clients: int, cutoff: int
                            ) -> tuple[np.ndarray, tuple]:
-    agg = build_aggregator([StageSpec(name="fedau", kwargs={"cutoff": cutoff})],
+    agg = build_aggregator(stage_specs([{"fedau": {"cutoff": cutoff}}]),
                            num_clients=num_clients)
     state, rows = agg.init(torch.zeros(num_clients)), []
     for ids in schedule:
@@ -92,7 +91,7 @@ def test_fedau_lazy_counting_matches_the_per_round_estimator(cutoff):
 
 
 def test_fedau_server_lr_and_the_one_over_n_scale():
-    agg = build_aggregator([StageSpec(name="fedau", kwargs={"server_lr": 0.5})], num_clients=4)
+    agg = build_aggregator(stage_specs([{"fedau": {"server_lr": 0.5}}]), num_clients=4)
     u = Updates(torch.tensor([[2.0, 4.0], [6.0, -8.0]]), torch.tensor([10.0, 30.0]),
                 torch.tensor([1, 3]), torch.zeros(2), torch.tensor([10, 30]))
     step, _ = agg.update(u, agg.init(torch.zeros(2)))
@@ -102,18 +101,18 @@ def test_fedau_server_lr_and_the_one_over_n_scale():
 
 def test_fedau_registry_errors_and_pools_do_not_pre_reduce():
     with pytest.raises(ConfigError, match="num_clients .*required"):
-        build_aggregator([StageSpec(name="fedau")])
+        build_aggregator(stage_specs(["fedau"]))
     with pytest.raises(ConfigError, match=r"aggregation\[0\]\.fedau\.num_clients: set by the "
-                                          "population"):
-        build_aggregator([StageSpec(name="fedau", kwargs={"num_clients": 5})], num_clients=5)
+                                          "engine"):
+        build_aggregator(stage_specs([{"fedau": {"num_clients": 5}}]), num_clients=5)
     with pytest.raises(ConfigError, match=r"fedau\.cutoff"):
-        build_aggregator([StageSpec(name="fedau", kwargs={"cutoff": 0})], num_clients=5)
-    assert not pools_may_reduce([StageSpec(name="fedau")])
-    agg = build_aggregator([StageSpec(name="fedau")], num_clients=2)
+        build_aggregator(stage_specs([{"fedau": {"cutoff": 0}}]), num_clients=5)
+    assert not pools_may_reduce(stage_specs(["fedau"]))
+    agg = build_aggregator(stage_specs(["fedau"]), num_clients=2)
     with pytest.raises(ValueError, match="client ids must lie in"):
         agg.update(one_hot_round([0, 2], 3), agg.init(torch.zeros(3)))
     # a stage without the parameter ignores the population size
-    build_aggregator([StageSpec(name="fedavg")], num_clients=5)
+    build_aggregator(stage_specs(["fedavg"]), num_clients=5)
 
 
 # Known optimum: f_n(x) = 0.5 ||x - c_n||^2, so argmin of (1/N) sum_n f_n is mean(c_n).
@@ -141,7 +140,7 @@ def local_deltas(x: np.ndarray, targets: np.ndarray, steps: int = 5, lr: float =
 
 def final_distance(name: str, rounds: int = 400, seed: int = 1) -> float:
     c, p = quadratic_problem()
-    agg = build_aggregator([StageSpec(name=name)], num_clients=N)
+    agg = build_aggregator(stage_specs([name]), num_clients=N)
     state, x = agg.init(torch.zeros(DIM)), np.zeros(DIM)
     rng = np.random.default_rng(seed)
     for r in range(rounds):
@@ -162,25 +161,28 @@ def test_fedau_removes_the_participation_bias_of_fedavg():
     assert fedau_distance < 0.25
 
 
-@pytest.mark.parametrize("kind, a, b, expected", [
-    ("constant", 0.5, 4.0, [1.0, 1.0, 1.0, 1.0]),
+@pytest.mark.parametrize("kind, params, expected", [
+    ("constant", {}, [1.0, 1.0, 1.0, 1.0]),
     # (1 + tau)^-0.5 at tau = 0, 1, 4, 10
-    ("polynomial", 0.5, 4.0, [1.0, 1 / np.sqrt(2), 1 / np.sqrt(5), 1 / np.sqrt(11)]),
-    ("polynomial", 2.0, 4.0, [1.0, 1 / 4, 1 / 25, 1 / 121]),
+    ("polynomial", {"a": 0.5}, [1.0, 1 / np.sqrt(2), 1 / np.sqrt(5), 1 / np.sqrt(11)]),
+    ("polynomial", {"a": 2.0}, [1.0, 1 / 4, 1 / 25, 1 / 121]),
     # 1 up to b = 4, then 1 / (a (tau - b) + 1): tau = 10 -> 1 / (0.5 * 6 + 1)
-    ("hinge", 0.5, 4.0, [1.0, 1.0, 1.0, 1 / 4]),
-    ("hinge", 2.0, 0.0, [1.0, 1 / 3, 1 / 9, 1 / 21]),
-    ("sqrt", 0.0, 0.0, [1.0, 1 / np.sqrt(2), 1 / np.sqrt(5), 1 / np.sqrt(11)]),
+    ("hinge", {"a": 0.5, "b": 4.0}, [1.0, 1.0, 1.0, 1 / 4]),
+    ("hinge", {"a": 2.0, "b": 0.0}, [1.0, 1 / 3, 1 / 9, 1 / 21]),
+    ("sqrt", {}, [1.0, 1 / np.sqrt(2), 1 / np.sqrt(5), 1 / np.sqrt(11)]),
 ])
-def test_staleness_values_by_hand(kind, a, b, expected):
+def test_staleness_values_by_hand(kind, params, expected):
+    fn = STALENESS.make(kind, **params)
     tau = np.array([0, 1, 4, 10])
-    np.testing.assert_allclose(staleness_weight(kind, tau, a, b), expected, rtol=1e-12)
-    assert float(staleness_weight(kind, 4, a, b)) == pytest.approx(expected[2], rel=1e-12)
+    np.testing.assert_allclose(staleness_weight(fn, tau), expected, rtol=1e-12)
+    assert float(staleness_weight(fn, 4)) == pytest.approx(expected[2], rel=1e-12)
 
 
 def test_staleness_rejects_bad_input():
     assert set(STALENESS) == {"constant", "polynomial", "hinge", "sqrt"}
-    with pytest.raises(ValueError, match="allowed"):
-        staleness_weight("exponential", 1, 0.5, 4.0)
+    with pytest.raises(ConfigError, match="allowed"):
+        STALENESS.make("exponential")
+    with pytest.raises(ConfigError, match="sqrt' takes no parameter 'a'"):
+        STALENESS.make("sqrt", a=0.5)
     with pytest.raises(ValueError, match=">= 0"):
-        staleness_weight("polynomial", np.array([1, -1]), 0.5, 4.0)
+        staleness_weight(STALENESS.make("polynomial"), np.array([1, -1]))

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from engine.backends.runtime import InlinePools
-from engine.core.config import load_config
 from engine.core.errors import ConfigError
+from engine.core.plans import Dispatch
 from engine.experiment import run_experiment
-from engine.loops.async_fl import Compass, Dispatch, Group, Server, compass_step
+from engine.resolve import load
+from policies.asynchronous import Compass, Group, fedcompass
+from policies.registry import build_aggregator, stage_specs
+from policies.staleness import STALENESS
 from tests.conftest import ROOT, small_config
 from tests.test_world_loop import INLINE, _versions, devices_file
 
@@ -57,8 +60,7 @@ def test_the_scheduler_joins_opens_and_buffers_late_updates():
     when G1's fastest member could be back again, floor((3.75 + 10 * 0.125 - 2) / 1) = 3.
     G1's last member is back at 3.125: the general buffer and G1's updates are aggregated."""
     c = Compass(q_max=10, q_min=2, tolerance=1.5, speed={0: 0.125, 1: 0.25, 2: 0.5, 4: 1.0})
-    assert Compass.of(small_config(server={"max_local_steps": 10, "q_ratio": 0.25}).server
-                      ).q_min == 2  # floor(2.5)
+    assert Compass.of(10, 0.25, 1.5).q_min == 2  # floor(2.5)
     assert c.assign(0, 0.0) == (10, 0)
     assert (c.groups[0].expected_s, c.groups[0].latest_s) == (1.25, 1.875)
     assert c.assign(1, 0.0) == (5, None) and c.assign(2, 0.0) == (2, None)
@@ -111,16 +113,17 @@ def test_the_scheduler_edge_rules():
 
 def test_the_server_step_weighs_staleness_and_samples():
     """x <- x + alpha * sum_i s(tau_i) n_i / n delta_i: alpha 0.5, s(tau) = 1 / (1 + tau),
-    n = 80; at version 3, updates of versions 1 (10 samples) and 3 (30 samples)."""
-    cfg = small_config(server={"mode": "fedcompass", "alpha": 0.5,
-                               "staleness": {"kind": "polynomial", "a": 1.0}}).server
-    server = Server(torch.ones(2), 3, {3: torch.ones(2)})
-    updates = [Dispatch(0, 4, 1, 0.0, 1.0, 5, "completed", torch.tensor([3.0, 0.0]), 0.0, 10),
-               Dispatch(1, 6, 3, 0.0, 1.0, 5, "completed", torch.tensor([0.0, 8.0]), 0.0, 30)]
-    compass_step(server, updates, cfg, 80.0)
+    n = 80; at version 3, updates of versions 1 (10 samples) and 3 (30 samples), through the
+    default chain (fedavg)."""
+    rule = fedcompass(alpha=0.5, staleness=STALENESS.make("polynomial", a=1.0))
+    batch = (Dispatch(0, 4, 1, 0.0, 1.0, 5, "completed", torch.tensor([3.0, 0.0]), 0.0, 10),
+             Dispatch(1, 6, 3, 0.0, 1.0, 5, "completed", torch.tensor([0.0, 8.0]), 0.0, 30))
+    updates, scale = rule.updates(batch, 3, None, 80.0)
+    assert updates.staleness.tolist() == [2, 0]
+    chain = build_aggregator(stage_specs("fedavg"))
+    step, _ = chain.update(updates, chain.init(torch.zeros(2)))
     expected = [1 + 0.5 / 3 * 10 / 80 * 3, 1 + 0.5 * 30 / 80 * 8]
-    torch.testing.assert_close(server.params, torch.tensor(expected))
-    assert server.version == 4 and server.snapshots[4] is server.params
+    torch.testing.assert_close(torch.ones(2) + scale * step, torch.tensor(expected))
 
 
 def test_fedcompass_follows_the_hand_worked_schedule(tmp_path, monkeypatch):
@@ -210,9 +213,9 @@ def test_fedcompass_survives_lost_updates_and_churn(tmp_path):
 
 
 def test_fedcompass_runs_on_the_shipped_world(tmp_path):
-    cfg = load_config(ROOT / "configs" / "fedbuff_async.yaml",
-                      ["server.mode=fedcompass", "rounds=12", "eval_every=6",
-                       "server.max_local_steps=8", "training.local_epochs=8"])
+    cfg = load(ROOT / "configs" / "fedbuff_async.yaml",
+               ["server.mode=fedcompass", "rounds=12", "eval_every=6",
+                "server.max_local_steps=8", "training.local_epochs=8"])
     result = run_experiment(cfg, INLINE, tmp_path, False)
     assert result.loop.rounds_done == 12 and math.isfinite(result.loop.final_accuracy)
     clients, _ = _versions(result)

@@ -6,18 +6,18 @@ import torch
 
 from engine.backends.runtime import RuntimeOptions
 from engine.compute.pool import ClientPool, PoolSpec
-from engine.compute.training import LocalSGD
-from engine.core.config import ModelConfig, StageSpec, SupermaskConfig, load_config
+from engine.compute.training import EXECUTORS, LocalSGD
+from engine.core.config import SupermaskConfig
 from engine.core.errors import ConfigError
 from engine.core.params import init_params
 from engine.core.seeds import SeedTree
 from engine.core.updates import Updates
 from engine.experiment import FederatedMode, run_experiment
+from engine.resolve import build_task, load, resolve
 from policies.frl import frl
-from policies.registry import build_aggregator
-from scenarios.models import ModelSpec
+from policies.registry import build_aggregator, stage_specs
+from scenarios.models import MODELS, ModelSpec
 from scenarios.supermask import SupermaskLinear, top_edges_mask
-from scenarios.task import build_task
 from tests.conftest import ROOT, small_config
 
 SUPERMASK = {"kind": "mlp", "hidden": [32], "supermask": {"keep": 0.5}}
@@ -125,16 +125,16 @@ def test_forward_and_straight_through_gradient_by_hand():
 
 
 def test_supermask_model_has_scores_only_and_the_same_weights_everywhere():
-    cfg = ModelConfig(kind="mlp", hidden=[16], supermask=SupermaskConfig(keep=0.5))
-    spec = ModelSpec(cfg, (64,), 10, weight_seed=5)
+    mlp, mask = MODELS.make("mlp", hidden=[16]), SupermaskConfig(keep=0.5)
+    spec = ModelSpec(mlp, (64,), 10, mask, weight_seed=5)
     a, b = spec.build(), spec.build()
     assert [n for n, _ in a.named_parameters()] == ["1.scores", "3.scores"]
     assert spec.supermask_layers() == (16 * 64, 10 * 16)
     assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers(), strict=True))
     assert a[1].weight.abs().unique().tolist() == pytest.approx([2 ** 0.5 / 8])
-    other = ModelSpec(cfg, (64,), 10, weight_seed=6).build()
+    other = ModelSpec(mlp, (64,), 10, mask, weight_seed=6).build()
     assert not torch.equal(other[1].weight, a[1].weight)
-    assert ModelSpec(ModelConfig(kind="mlp"), (64,), 10).supermask_layers() == ()
+    assert ModelSpec(MODELS.make("mlp"), (64,), 10).supermask_layers() == ()
 
 
 @pytest.mark.parametrize("model", [SUPERMASK, {"kind": "cnn", "supermask": {"keep": 0.3}}])
@@ -143,11 +143,11 @@ def test_vmap_executor_equals_loop_executor_on_a_supermask_model(model):
     local runs a score within that float noise of a layer's threshold can flip one edge in
     one executor only (measured: 2 of 20 clients after 12-36 steps); 8 steps keep clear."""
     cfg = small_config(task={"model": model})
-    task = build_task(cfg, SeedTree(cfg.seed))
+    task = build_task(cfg)
     params = init_params(task.model.build, 0)
     deltas = []
     for executor in ("vmap", "loop"):
-        spec = PoolSpec(task.model, LocalSGD(2, 8, 0.5, 0.9), executor, cfg.seed)
+        spec = PoolSpec(task.model, LocalSGD(2, 8, 0.5, 0.9), EXECUTORS[executor], cfg.seed)
         pool = ClientPool(spec, task.shard(0, 20))
         result, _ = pool.local_training(params, np.arange(20), 0, max_steps=8)
         deltas.append(result.deltas)
@@ -162,7 +162,7 @@ def test_short_frl_run_beats_chance(tmp_path):
                        training={"lr": 4.0, "momentum": 0.9})
     loop = run_experiment(cfg, RuntimeOptions("inline"), tmp_path, False).loop
     assert loop.final_accuracy > 0.5  # 5x chance
-    scores = init_params(build_task(cfg, SeedTree(cfg.seed)).model.build,
+    scores = init_params(build_task(cfg).model.build,
                          SeedTree(cfg.seed).integer("init"))
     layer = 128 * 64  # the global scores are still a permutation of the initial ones
     assert torch.allclose(loop.params[:layer].sort().values, scores[:layer].sort().values)
@@ -171,11 +171,11 @@ def test_short_frl_run_beats_chance(tmp_path):
 def test_frl_config_errors():
     dense = small_config(aggregation="frl")
     with pytest.raises(ConfigError, match=r"^task\.model\.supermask: aggregation frl"):
-        FederatedMode(dense, build_task(dense, SeedTree(dense.seed)).model)
+        FederatedMode(dense, resolve(dense), build_task(dense).model, SeedTree(0))
     with pytest.raises(ConfigError, match="frl.* must be the last one"):
-        build_aggregator([StageSpec(name="frl"), StageSpec(name="server_sgd")])
+        build_aggregator(stage_specs(["frl", "server_sgd"]))
     with pytest.raises(ConfigError, match=r"aggregation\[0\]\.frl\.supermask_layers: set by "
-                                          "the model"):
-        build_aggregator([StageSpec(name="frl", kwargs={"supermask_layers": [4]})])
+                                          "the engine"):
+        build_aggregator(stage_specs([{"frl": {"supermask_layers": [4]}}]))
     with pytest.raises(ConfigError, match=r"task\.model\.supermask\.keep"):
-        load_config(ROOT / "configs/frl_digits.yaml", ["task.model.supermask.keep=0"])
+        load(ROOT / "configs/frl_digits.yaml", ["task.model.supermask.keep=0"])

@@ -11,21 +11,19 @@ import torch
 from engine.backends.runtime import RuntimeOptions, make_pools
 from engine.compute.peers import PeerPool, PeerSpec
 from engine.compute.pool import PoolSpec
-from engine.compute.training import LocalSGD
-from engine.core.config import StageSpec, load_config
+from engine.compute.training import EXECUTORS, LocalSGD
 from engine.core.errors import ConfigError
 from engine.core.neighbourhood import Neighbourhood
 from engine.core.params import init_params
-from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.loops.decentralized import consensus_summary, mix_only
 from engine.records.logs import read_table
+from engine.resolve import build_network, build_task
+from engine.resolve import load as load_config
 from policies.registry import CONSENSUS, build_consensus
 from scenarios import topology
 from scenarios.adversaries import dissensus
 from scenarios.mixing import metropolis_hastings, push_sum, spectral_gap
-from scenarios.network import Network
-from scenarios.task import build_task
 from tests.conftest import ROOT, small_config
 
 PEERS = 16
@@ -40,10 +38,11 @@ def gossip_config(**sections):
 def peer_pools(num_pools: int, consensus: str = "gossip", mixing: str = "metropolis_hastings",
                backend: str = "inline", **kwargs):
     cfg = gossip_config()
-    task = build_task(cfg, SeedTree(cfg.seed))
+    task = build_task(cfg)
     params = init_params(task.model.build, 0)
-    spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), "vmap", cfg.seed)
-    policy = build_consensus([StageSpec(name=consensus, kwargs=kwargs)], mixing)
+    spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), EXECUTORS["vmap"], cfg.seed)
+    policy = build_consensus(CONSENSUS.spec({consensus: kwargs}, "consensus"),
+                             mixing == "push_sum")
     peers = PeerSpec(policy, "shared", np.zeros(0, dtype=np.int64), None,
                      task.data.x_test[:20], task.data.y_test[:20])
     return make_pools(task, spec, RuntimeOptions(backend, num_pools), PeerPool,
@@ -248,7 +247,7 @@ def test_modest_trains_only_the_sample_and_hands_its_average_on(tmp_path):
     rounds = read_table(tmp_path / cfg.experiment, "rounds")
     assert rounds["num_updates"].to_pylist() == [4, 4]
     assert result.loop.client_updates == 8
-    network = Network(cfg.topology, "metropolis_hastings", PEERS, SeedTree(cfg.seed))
+    network = build_network(cfg)
     w = network.sampled_mixing(0, 4).toarray()
     trained, receivers = network.sample(0, 4), network.sample(1, 4)
     assert not np.array_equal(trained, receivers)

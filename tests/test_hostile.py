@@ -49,7 +49,7 @@ def test_oversized_files_are_refused_before_parsing(tmp_path):
 
 def test_echoed_values_are_cut():
     with pytest.raises(ConfigError) as err:
-        build_config(small_raw(training={"executor": "x" * 100_000}))
+        build_config(small_raw(experiment="x/" * 50_000))
     assert len(str(err.value)) < 300 and "chars)" in str(err.value)
     with pytest.raises(ConfigError) as err:
         parse_override("rounds" + "=" + "1" * 100_000)

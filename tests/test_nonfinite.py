@@ -12,14 +12,13 @@ import torch
 
 from engine.backends.runtime import RuntimeOptions
 from engine.compute.pool import ClientPool, PoolSpec
-from engine.compute.training import LocalSGD
+from engine.compute.training import EXECUTORS, LocalSGD
 from engine.core import parallel
 from engine.core.errors import Diverged
 from engine.core.params import init_params
-from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.records.logs import read_table
-from scenarios.task import build_task
+from engine.resolve import build_task
 from tests.conftest import ROOT, small_config
 
 INLINE = RuntimeOptions("inline", 1)
@@ -29,11 +28,11 @@ def test_a_pool_drops_a_nonfinite_update_and_sums_the_rest():
     """Client 3's data hold a NaN: its update is dropped, and the pool's partial sums equal
     those of the other clients trained alone."""
     cfg = small_config()
-    task = build_task(cfg, SeedTree(cfg.seed))
+    task = build_task(cfg)
     shard = task.shard(0, 10)
     x = shard.x.copy()
     x[shard.offsets[3]] = np.nan
-    spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), "vmap", cfg.seed)
+    spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), EXECUTORS["vmap"], cfg.seed)
     pool = ClientPool(spec, dataclasses.replace(shard, x=x))
     params = init_params(task.model.build, 0)
     poisoned = pool.train(params, np.array([1, 3, 5]), 1, pre_reduce=True)

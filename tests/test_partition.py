@@ -1,31 +1,34 @@
 import numpy as np
 import pytest
 
-from engine.core.config import PartitionConfig, SyntheticConfig, TaskConfig
 from engine.core.errors import ConfigError
-from scenarios.datasets import holdout_mask, load_dataset, synthetic_leaf
-from scenarios.partition import PARTITIONERS, partition
+from scenarios.datasets import DATASETS, holdout_mask, load_dataset
+from scenarios.partition import PARTITIONS, partition
 
 LABELS = np.random.default_rng(0).integers(0, 10, 1000)
 
 
-@pytest.mark.parametrize("kind", sorted(PARTITIONERS))
+PARAMS = {"dirichlet": {"alpha": 0.1}, "quantity": {"alpha": 0.1},
+          "shards": {"shards_per_client": 2}}
+
+
+@pytest.mark.parametrize("kind", [k for k in PARTITIONS.names() if k != "natural"])
 def test_every_sample_owned_and_every_client_nonempty(kind):
-    cfg = PartitionConfig(kind=kind, alpha=0.1, shards_per_client=2)
-    owner = partition(LABELS, 50, cfg, np.random.default_rng(1))
+    owner = partition(LABELS, 50, PARTITIONS.make(kind, **PARAMS.get(kind, {})),
+                      np.random.default_rng(1))
     assert owner.shape == LABELS.shape
     assert np.bincount(owner, minlength=50).min() >= 1
     assert owner.max() == 49
 
 
 def test_iid_sizes_are_equal_within_one():
-    owner = partition(LABELS, 30, PartitionConfig(kind="iid"), np.random.default_rng(0))
+    owner = partition(LABELS, 30, PARTITIONS.make("iid"), np.random.default_rng(0))
     sizes = np.bincount(owner)
     assert sizes.max() - sizes.min() <= 1
 
 
 def test_shards_give_each_client_few_labels():
-    owner = partition(LABELS, 50, PartitionConfig(kind="shards", shards_per_client=2),
+    owner = partition(LABELS, 50, PARTITIONS.make("shards", shards_per_client=2),
                       np.random.default_rng(0))
     labels_per_client = [np.unique(LABELS[owner == c]).size for c in range(50)]
     assert max(labels_per_client) <= 4  # 2 shards of sorted labels, each spanning <= 2 labels
@@ -33,7 +36,7 @@ def test_shards_give_each_client_few_labels():
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     def mean_labels(alpha):
-        owner = partition(LABELS, 20, PartitionConfig(kind="dirichlet", alpha=alpha),
+        owner = partition(LABELS, 20, PARTITIONS.make("dirichlet", alpha=alpha),
                           np.random.default_rng(0))
         return np.mean([np.unique(LABELS[owner == c]).size for c in range(20)])
 
@@ -42,17 +45,17 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
 
 def test_too_many_clients_is_a_config_error():
     with pytest.raises(ConfigError, match="num_clients: 2000 exceeds the 1000 training samples"):
-        partition(LABELS, 2000, PartitionConfig(kind="iid"), np.random.default_rng(0))
+        partition(LABELS, 2000, PARTITIONS.make("iid"), np.random.default_rng(0))
 
 
 def test_natural_needs_a_per_client_dataset():
     with pytest.raises(ConfigError, match="natural"):
-        partition(LABELS, 10, PartitionConfig(kind="natural"), np.random.default_rng(0))
+        partition(LABELS, 10, PARTITIONS.make("natural"), np.random.default_rng(0))
 
 
 def test_synthetic_is_non_iid_per_client():
-    cfg = SyntheticConfig(alpha=1.0, beta=1.0, samples_per_client=200)
-    x, y, owner = synthetic_leaf(cfg, 10, np.random.default_rng(0))
+    source = DATASETS.make("synthetic", alpha=1.0, beta=1.0, samples_per_client=200)
+    x, y, owner, _, _ = source(10, np.random.default_rng(0))
     assert x.shape == (2000, 60) and x.dtype == np.float32
     assert (np.bincount(owner) == 200).all()
     means = np.stack([x[owner == c].mean(axis=0) for c in range(10)])
@@ -62,8 +65,9 @@ def test_synthetic_is_non_iid_per_client():
 def test_synthetic_beta_is_a_standard_deviation():
     """v_k ~ N(B_k, 1), B_k ~ N(0, beta): the spread of client input means is sqrt(beta^2 + 1)
     (FedProx's generator reads beta as a standard deviation, not a variance)."""
-    cfg = SyntheticConfig(alpha=0.0, beta=3.0, samples_per_client=2, num_features=200)
-    x, _, owner = synthetic_leaf(cfg, 2000, np.random.default_rng(0))
+    source = DATASETS.make("synthetic", alpha=0.0, beta=3.0, samples_per_client=2,
+                           num_features=200)
+    x, _, owner, _, _ = source(2000, np.random.default_rng(0))
     first_feature_mean = np.array([x[owner == c, 0].mean() for c in range(2000)])
     # feature 0 has unit noise; client means spread like N(0, beta^2 + 1 + 1/2)
     assert abs(first_feature_mean.std() - np.sqrt(9 + 1 + 0.5)) < 0.25
@@ -76,8 +80,7 @@ def test_holdout_keeps_a_training_sample_per_client():
 
 
 def test_digits_split_and_scale():
-    data = load_dataset(TaskConfig(dataset="digits", test_fraction=0.2), 10,
-                        np.random.default_rng(0))
+    data = load_dataset(DATASETS.make("digits"), 10, 0.2, 10_000, np.random.default_rng(0))
     assert len(data.y_train) + len(data.y_test) == 1797
     assert abs(len(data.y_test) - 359) <= 1
     assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0

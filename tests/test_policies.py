@@ -1,16 +1,14 @@
 """Known values for FedAvg, and one contract checker run over every registered stage."""
 
-import inspect
-
 import pytest
 import torch
 
-from engine.core.config import StageSpec
+from engine.contracts import complete_stage
 from engine.core.errors import ConfigError
 from engine.core.updates import Updates
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
-from policies.registry import AGGREGATION, build_aggregator
+from policies.registry import AGGREGATION, build_aggregator, stage_specs
 
 
 def updates(deltas, weights, ids=None):
@@ -50,21 +48,14 @@ def test_zero_total_weight_gives_zero_step():
 
 def complete(name: str) -> Aggregator:
     """Any registered stage as a full aggregator (Updates -> step) with default parameters."""
-    factory = AGGREGATION[name]
-    kind = factory.stage_kind
-    if kind == "optimizer":
-        return chain(weighted_mean(), factory())
-    if kind == "transform":
-        return chain(factory(), weighted_mean())
-    if "num_clients" in inspect.signature(factory).parameters:  # sized by the population
-        return factory(num_clients=POPULATION)
-    return factory()
+    return complete_stage(AGGREGATION[name], AGGREGATION.make(
+        name, "aggregation[0]", {"num_clients": POPULATION, "seed": 3}))
 
 
 POPULATION = 16  # more than the sample's client ids 0..6
 
 
-NAMES = sorted(AGGREGATION)
+NAMES = AGGREGATION.names()
 
 
 @pytest.fixture
@@ -74,73 +65,29 @@ def sample():
                    torch.randint(1, 50, (7,), generator=g).tolist())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_contract_shapes_and_finite(name, sample):
-    agg = complete(name)
-    state = agg.init(torch.zeros(11))
-    for _ in range(3):  # state threads through rounds
-        step, state = agg.update(sample, state)
-        assert step.shape == (11,) and step.dtype == torch.float32
-        assert torch.isfinite(step).all()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_contract_deterministic_and_pure(name, sample):
-    agg = complete(name)
-    before = [None if c is None else c.clone() for c in sample.per_client()]
-    a, _ = agg.update(sample, agg.init(torch.zeros(11)))
-    b, _ = agg.update(sample, agg.init(torch.zeros(11)))
-    assert torch.equal(a, b)
-    assert all(x is y is None or torch.equal(x, y)
-               for x, y in zip(before, sample.per_client(), strict=True))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_contract_permutation_invariance(name, sample):
-    if not getattr(AGGREGATION[name], "permutation_invariant", True):
-        pytest.skip("rule depends on client order by design")
-    agg = complete(name)
-    perm = torch.randperm(sample.num_clients, generator=torch.Generator().manual_seed(1))
-    a, _ = agg.update(sample, agg.init(torch.zeros(11)))
-    b, _ = agg.update(sample.take(perm), agg.init(torch.zeros(11)))
-    assert torch.allclose(a, b, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_contract_runs_inside_a_ray_task(name, sample, ray_cluster):
-    agg = complete(name)
-
-    @ray_cluster.remote(num_cpus=0)
-    def remote_update(aggregator, u):
-        return aggregator.update(u, aggregator.init(torch.zeros(11)))[0]
-
-    local, _ = agg.update(sample, agg.init(torch.zeros(11)))
-    assert torch.equal(ray_cluster.get(remote_update.remote(agg, sample)), local)
-
-
 def test_every_registered_stage_declares_its_kind():
-    for factory in AGGREGATION.values():
+    for factory in map(AGGREGATION.__getitem__, AGGREGATION.names()):
         assert factory.stage_kind in {"transform", "reduction", "optimizer", "aggregator"}
         assert factory.__doc__ and "20" in factory.__doc__  # cites a paper with its year
 
 
 @pytest.mark.parametrize("specs, message", [
-    ([StageSpec(name="server_sgd")], "exactly one reduction"),
-    ([StageSpec(name="server_sgd"), StageSpec(name="weighted_mean")], "exactly one reduction"),
-    ([StageSpec(name="nope")], "unknown stage 'nope'"),
-    ([StageSpec(name="fedavg", kwargs={"lr": 1})], r"fedavg.lr: unknown parameter"),
-    ([StageSpec(name="fedavg", kwargs={"server_lr": -1})], "greater than 0"),
-    ([StageSpec(name="os:path")], "not marked with policies.base.stage"),
-    ([StageSpec(name="nomodule.x:y")], "cannot import"),
+    (["server_sgd"], "exactly one reduction"),
+    (["server_sgd", "weighted_mean"], "exactly one reduction"),
+    (["nope"], "unknown stage 'nope'"),
+    ([{"fedavg": {"lr": 1}}], r"aggregation\[0\].fedavg.lr: stage 'fedavg' takes no"),
+    ([{"fedavg": {"server_lr": -1}}], "greater than 0"),
+    (["os:path"], "not marked with policies.base.stage"),
+    (["nomodule.x:y"], "cannot import"),
 ])
 def test_bad_chains_are_config_errors(specs, message):
     with pytest.raises(ConfigError, match=message):
-        build_aggregator(specs)
+        build_aggregator(stage_specs(specs))
 
 
 def test_out_of_tree_stage_by_path():
-    agg = build_aggregator([StageSpec(name="policies.aggregation:weighted_mean"),
-                            StageSpec(name="server_sgd", kwargs={"lr": 2.0})])
+    agg = build_aggregator(stage_specs(["policies.aggregation:weighted_mean",
+                            {"server_sgd": {"lr": 2.0}}]))
     step, _ = agg.update(updates([[1.0], [3.0]], [1, 1]), agg.init(torch.zeros(1)))
     assert torch.allclose(step, torch.tensor([4.0]))
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy import integrate
 
-from engine.core.config import StageSpec
 from engine.core.errors import ConfigError
 from policies.privacy import (
     dp_gaussian,
@@ -16,7 +15,7 @@ from policies.privacy import (
     rdp_to_epsilon,
     sampled_gaussian_rdp,
 )
-from policies.registry import AGGREGATION, build_aggregator
+from policies.registry import AGGREGATION, build_aggregator, stage_specs
 from tests.test_policies import updates
 
 # ---------------------------------------------------------------- the stage
@@ -35,18 +34,18 @@ def run(agg, u, rounds=1, params=2):
 
 def test_without_noise_it_is_the_clipped_sum_over_the_expected_clients():
     u = updates(DELTAS, [10, 1, 100])  # weights are not used: each client counts once
-    (step,), _ = run(dp_gaussian(noise_multiplier=0.0, clip=1.0, expected_clients=5), u)
+    (step,), _ = run(dp_gaussian(noise_multiplier=0.0, clip=1.0, expected_clients=5, seed=0), u)
     assert torch.allclose(step, torch.tensor(CLIPPED_SUM) / 5)
-    (step,), _ = run(dp_gaussian(noise_multiplier=0.0, clip=1.0), u)  # None: K = 3
+    (step,), _ = run(dp_gaussian(noise_multiplier=0.0, clip=1.0, seed=0), u)  # None: K = 3
     assert torch.allclose(step, torch.tensor(CLIPPED_SUM) / 3)
-    (step,), _ = run(dp_gaussian(noise_multiplier=0.0, clip=20.0, expected_clients=2), u)
+    (step,), _ = run(dp_gaussian(noise_multiplier=0.0, clip=20.0, expected_clients=2, seed=0), u)
     assert torch.allclose(step, torch.tensor([-2.7, 12.4]) / 2)  # nothing clipped
 
 
 def test_noise_std_is_multiplier_times_clip_over_expected_clients():
     p, rounds, z, clip, k_exp = 2000, 40, 2.0, 0.5, 4
     u = updates(torch.randn(3, p, generator=torch.Generator().manual_seed(0)).tolist(), [1, 1, 1])
-    exact, _ = run(dp_gaussian(noise_multiplier=0.0, clip=clip, expected_clients=k_exp), u,
+    exact, _ = run(dp_gaussian(noise_multiplier=0.0, clip=clip, expected_clients=k_exp, seed=0), u,
                    params=p)
     noisy, _ = run(dp_gaussian(noise_multiplier=z, clip=clip, expected_clients=k_exp, seed=3), u,
                    rounds=rounds, params=p)
@@ -87,7 +86,7 @@ def test_a_round_without_updates_still_adds_noise_with_a_fixed_denominator():
     agg = dp_gaussian(noise_multiplier=1.0, clip=2.0, expected_clients=4, seed=2)
     (step,), state = run(agg, empty, params=3)
     assert step.shape == (3,) and step.abs().sum() > 0 and int(state.round) == 1
-    (step,), _ = run(dp_gaussian(), empty, params=3)  # no fixed denominator: nothing to add
+    (step,), _ = run(dp_gaussian(seed=0), empty, params=3)  # no fixed denominator: nothing to add
     assert torch.equal(step, torch.zeros(3))
 
 
@@ -98,21 +97,39 @@ def test_registered_holistic_reduction():
     assert factory.permutation_invariant
     pre_reduced = updates(DELTAS, [1, 1, 1])._replace(deltas=None)
     with pytest.raises(ValueError, match="needs every client's delta"):
-        run(dp_gaussian(), pre_reduced)
+        run(dp_gaussian(seed=0), pre_reduced)
 
 
 def test_builds_from_config_and_checks_its_parameters():
-    agg = build_aggregator([
-        StageSpec(name="dp_gaussian", kwargs={"noise_multiplier": 0.0, "clip": 1.0,
-                                              "expected_clients": 5}),
-        StageSpec(name="server_sgd", kwargs={"lr": 2.0}),
-    ])
+    agg = build_aggregator(stage_specs([
+        {"dp_gaussian": {"noise_multiplier": 0.0, "clip": 1.0,
+                                              "expected_clients": 5}},
+        {"server_sgd": {"lr": 2.0}},
+    ]))
     (step,), _ = run(agg, updates(DELTAS, [1, 1, 1]))
     assert torch.allclose(step, 2 * torch.tensor(CLIPPED_SUM) / 5)
     for kwargs, key in [({"noise_multiplier": -1.0}, "noise_multiplier"), ({"clip": 0.0}, "clip"),
-                        ({"expected_clients": 0}, "expected_clients"), ({"seed": -1}, "seed")]:
+                        ({"expected_clients": 0}, "expected_clients"), ({"seed": 3}, "seed")]:
         with pytest.raises(ConfigError, match=rf"aggregation\[0\]\.dp_gaussian\.{key}:"):
-            build_aggregator([StageSpec(name="dp_gaussian", kwargs=kwargs)])
+            build_aggregator(stage_specs([{"dp_gaussian": kwargs}]))
+
+
+def test_the_noise_follows_the_run_seed(tmp_path):
+    """The stage draws its seed from the run's seed tree (stream aggregation.dp_gaussian at
+    its position): two run seeds give different noise, the same seed the same bits."""
+    from engine.core.seeds import SeedTree
+
+    u = updates(DELTAS, [1, 1, 1])
+    specs = stage_specs([{"dp_gaussian": {"noise_multiplier": 1.0, "clip": 1.0}}])
+
+    def step(seed):
+        return run(build_aggregator(specs, seeds=SeedTree(seed)), u)[0][0]
+
+    assert torch.equal(step(1), step(1))
+    assert not torch.equal(step(1), step(2))
+    shifted = stage_specs(["clip_per_client", {"dp_gaussian": {"noise_multiplier": 1.0}}])
+    other = run(build_aggregator(shifted, seeds=SeedTree(1)), u)[0][0]
+    assert not torch.equal(other, step(1))  # another position, another stream
 
 
 # ---------------------------------------------------------------- the accountant

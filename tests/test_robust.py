@@ -54,7 +54,7 @@ def test_krum_and_multi_krum_hand_worked():
 
 
 def test_byzantine_count_too_large_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"aggregation.krum.f: f=2 is too large for K=5"):
+    with pytest.raises(ConfigError, match=r"^krum.f: f=2 is too large for K=5"):
         run(krum(f=2), updates([[0.0]] * 5, [1] * 5))
 
 
@@ -152,7 +152,7 @@ def test_bucketing_keeps_totals_and_is_seeded():
     assert torch.equal(run(bucketing(bucket_size=2, seed=1), u)[0].deltas, out.deltas)
     assert not torch.equal(run(bucketing(bucket_size=2, seed=2), u)[0].deltas, out.deltas)
     # bucket size 1 only reorders, and rows come back ordered by id: nothing changes
-    assert torch.equal(run(bucketing(bucket_size=1), u)[0].deltas, u.deltas)
+    assert torch.equal(run(bucketing(bucket_size=1, seed=0), u)[0].deltas, u.deltas)
 
 
 def _odd_one_out(u, out):

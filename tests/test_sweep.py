@@ -119,7 +119,8 @@ def test_failing_run_is_recorded_and_reruns_skip_resume_and_retry(tmp_path, ray_
     its logger exists) while the others finish; a rerun runs nothing; a run left unfinished
     is redone from scratch; --retry-failed reruns only the failure."""
     path = write_sweep(tmp_path, {"grid": {"topology.kind": ["ring", "erdos_renyi", "torus"]},
-                                  "set": {"topology.p": 0.001}, "seeds": 2}, base=GOSSIP)
+                                  "set": {"topology.erdos_renyi.p": 0.001}, "seeds": 2},
+                       base=GOSSIP)
     sweep = load_sweep(path)
     logs = tmp_path / "logs"
     report = run_sweep(sweep, logs, RayRunner(1, None, None), show_progress=False)

@@ -9,7 +9,7 @@ import pytest
 
 from engine.core.errors import ConfigError
 from scenarios.mixing import (
-    MIXINGS,
+    MIXING,
     degree_stats,
     max_degree,
     metropolis_hastings,
@@ -23,7 +23,6 @@ from scenarios.topology import (
     Outage,
     apply_outages,
     barabasi_albert,
-    build_topology,
     check_connected,
     complete,
     edge_list,
@@ -352,7 +351,7 @@ def test_edge_list_loads(tmp_path):
     path.write_text("# a path and a chord\n0 1\n1,2   # trailing comment\n\n2 3\n3 0\n1 0\n")
     g = edge_list(4, None, path=str(path))
     assert edge_set(g) == {(0, 1), (1, 2), (2, 3), (0, 3)} and not g.directed
-    d = build_topology("edge_list", 4, rng(), path=str(path), directed=True)
+    d = TOPOLOGIES.make("edge_list", path=str(path), directed=True)(4, rng())
     assert d.directed and d.num_edges == 5
 
 
@@ -399,8 +398,8 @@ def test_check_connected():
     (lambda: small_world(10, rng(), k=3, beta=0.1), "topology.k"),
     (lambda: small_world(10, rng(), k=4, beta=-0.1), "topology.beta"),
     (lambda: barabasi_albert(10, rng(), m=10), "topology.m"),
-    (lambda: build_topology("moebius", 10, rng()), "topology.kind"),
-    (lambda: build_topology("ring", 10, rng(), degree=3), "topology.degree"),
+    (lambda: TOPOLOGIES.make("moebius", "topology"), "topology.kind"),
+    (lambda: TOPOLOGIES.make("ring", "topology", degree=3), "topology.degree"),
 ])
 def test_bad_parameters_are_one_line_config_errors(call, key):
     with pytest.raises(ConfigError, match=key) as err:
@@ -414,9 +413,9 @@ def test_torus_on_a_prime_asks_for_a_composite():
 
 
 def test_registry_builds_every_kind():
-    for kind, factory in TOPOLOGIES.items():
+    for kind in TOPOLOGIES.names():
         if kind != "edge_list":
-            assert build_topology(kind, 16, rng(1)).num_nodes == 16, factory
+            assert TOPOLOGIES.make(kind)(16, rng(1)).num_nodes == 16, kind
 
 
 # --- Mixing matrices -------------------------------------------------------------------------
@@ -491,22 +490,22 @@ def test_push_sum_on_an_irregular_directed_graph():
     assert np.allclose(x / weights, 1.5, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", sorted(MIXINGS))
+@pytest.mark.parametrize("kind", MIXING.names())
 def test_dead_peers_get_identity_rows_and_columns(kind):
     g = random_regular(20, rng(0), degree=4)
     alive = np.ones(20, dtype=bool)
     alive[[3, 7]] = False
-    w = mixing_matrix(g, kind, alive).toarray()
+    w = mixing_matrix(g, MIXING[kind], alive).toarray()
     for dead in (3, 7):
         assert w[dead].tolist() == np.eye(20)[dead].tolist()
         assert w[:, dead].tolist() == np.eye(20)[dead].tolist()
     assert np.allclose(w[alive][:, alive].sum(axis=0 if kind == "push_sum" else 1), 1)
-    assert mixing_matrix(g, kind, None).nnz == 20 + g.num_arcs
+    assert mixing_matrix(g, MIXING[kind], None).nnz == 20 + g.num_arcs
 
 
 def test_unknown_mixing():
-    with pytest.raises(ConfigError, match="gossip.mixing: unknown 'avg'"):
-        mixing_matrix(ring(5), "avg")
+    with pytest.raises(ConfigError, match="gossip.mixing: unknown mixing 'avg'"):
+        MIXING.spec("avg", "gossip.mixing")
 
 
 # --- Spectral gap ----------------------------------------------------------------------------
@@ -533,7 +532,7 @@ def test_disconnected_gap_is_zero():
     assert spectral_gap(metropolis_hastings(two_rings())) == 0.0
     alive = np.ones(10, dtype=bool)
     alive[0] = False
-    assert spectral_gap(mixing_matrix(ring(10), "metropolis_hastings", alive)) == 0.0
+    assert spectral_gap(mixing_matrix(ring(10), metropolis_hastings, alive)) == 0.0
 
 
 def test_gap_uses_magnitudes():

@@ -3,11 +3,11 @@ import torch
 
 from engine.backends.runtime import RuntimeOptions
 from engine.compute.pool import ClientPool, PoolSpec
-from engine.compute.training import LocalSGD, batch_plan, step_budgets
+from engine.compute.training import EXECUTORS, LocalSGD, batch_plan, step_budgets
 from engine.core.params import init_params
 from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
-from scenarios.task import build_task
+from engine.resolve import build_task, load
 from tests.conftest import small_config
 
 
@@ -29,7 +29,7 @@ def test_plan_visits_each_row_once_per_epoch():
 def test_batch_larger_than_any_client_runs_as_one_full_batch(tmp_path):
     """batch_size=10**6 is capped to the largest client: same model as batch = that size."""
     cfg = small_config(rounds=1)
-    largest = int(build_task(cfg, SeedTree(cfg.seed)).client_sizes.max())
+    largest = int(build_task(cfg).client_sizes.max())
     huge, exact = (run_experiment(small_config(rounds=1, training={"batch_size": b}),
                                   RuntimeOptions("inline"), tmp_path, False).loop.params
                    for b in (10**6, largest))
@@ -38,8 +38,8 @@ def test_batch_larger_than_any_client_runs_as_one_full_batch(tmp_path):
 
 def _pool(executor, momentum=0.0, **hp):
     cfg = small_config()
-    task = build_task(cfg, SeedTree(cfg.seed))
-    spec = PoolSpec(task.model, LocalSGD(2, 8, 0.1, momentum, **hp), executor, cfg.seed)
+    task = build_task(cfg)
+    spec = PoolSpec(task.model, LocalSGD(2, 8, 0.1, momentum, **hp), EXECUTORS[executor], cfg.seed)
     return ClientPool(spec, task.shard(0, 20)), init_params(task.model.build, 0)
 
 
@@ -184,11 +184,10 @@ def test_scaffold_control_variates_follow_option_two():
 def test_scaffold_corrects_client_drift_on_skewed_digits(tmp_path):
     """configs/digits.yaml with Dirichlet(0.1) labels and 5 local epochs: measured FedAvg
     0.919, SCAFFOLD 0.961 (README)."""
-    from engine.core.config import load_config
     from tests.conftest import ROOT
 
     def final(*extra):
-        cfg = load_config(ROOT / "configs" / "digits.yaml",
-                          ["partition.alpha=0.1", "training.local_epochs=5", *extra])
+        cfg = load(ROOT / "configs" / "digits.yaml",
+                   ["partition.alpha=0.1", "training.local_epochs=5", *extra])
         return run_experiment(cfg, RuntimeOptions("inline"), tmp_path, False).loop
     assert final("training.scaffold=true").final_accuracy > final().final_accuracy + 0.02

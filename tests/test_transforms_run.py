@@ -10,16 +10,15 @@ import pytest
 
 from engine.backends.runtime import RuntimeOptions
 from engine.compute.pool import ClientPool, PoolSpec
-from engine.compute.training import LocalSGD
+from engine.compute.training import EXECUTORS, LocalSGD
 from engine.core.config import build_config
 from engine.core.errors import ConfigError
 from engine.core.params import init_params
-from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.records.logs import read_table
+from engine.resolve import build_task, resolve
 from policies.compression import kept_count
 from policies.privacy import rdp_epsilon
-from scenarios.task import build_task
 from tests.conftest import small_config, small_raw
 
 INLINE = RuntimeOptions("inline")
@@ -28,9 +27,10 @@ TOPK = {"compression": {"kind": "topk", "ratio": 0.05}}
 
 def test_topk_with_error_feedback_uploads_exactly_k_values_and_keeps_the_rest():
     cfg = small_config(training=TOPK)
-    task = build_task(cfg, SeedTree(cfg.seed))
+    task = build_task(cfg)
     params = init_params(task.model.build, 0)
-    spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), "vmap", cfg.seed, cfg.training.compression)
+    spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), EXECUTORS["vmap"], cfg.seed,
+                    resolve(cfg).compressor)
     pool = ClientPool(spec, task.shard(0, 20))
     ids = np.array([1, 4, 7])
     sent = pool.train(params, ids, 0).updates.deltas
@@ -39,7 +39,7 @@ def test_topk_with_error_feedback_uploads_exactly_k_values_and_keeps_the_rest():
     residual = pool.residuals[ids]
     assert (residual != 0).sum(dim=1).min() > params.numel() // 2  # what was not sent
     assert not (residual * sent).any()  # disjoint supports: e = delta - topk(delta)
-    plain = ClientPool(PoolSpec(task.model, LocalSGD(1, 8, 0.1), "vmap", cfg.seed),
+    plain = ClientPool(PoolSpec(task.model, LocalSGD(1, 8, 0.1), EXECUTORS["vmap"], cfg.seed),
                        task.shard(0, 20)).train(params, ids, 0).updates.deltas
     np.testing.assert_allclose((sent + residual).numpy(), plain.numpy(), atol=1e-6)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.backends.runtime import RuntimeOptions
 from engine.compute.pool import ClientPool, PoolSpec
-from engine.compute.training import DiagonalFisher, LocalSGD, pin_torch_arithmetic
+from engine.compute.training import EXECUTORS, DiagonalFisher, LocalSGD, pin_torch_arithmetic
 from engine.core.params import ParamSpec
 from engine.core.updates import Updates
 from engine.experiment import run_experiment
@@ -148,7 +148,7 @@ def test_pools_send_label_counts_steps_and_fisher(small_task):
     task, model = small_task
     shard = task.shard(0, 6)
     hp = LocalSGD(epochs=1, batch_size=8, lr=0.1)
-    pool = ClientPool(PoolSpec(model, hp, "vmap", 0, fisher=True), shard)
+    pool = ClientPool(PoolSpec(model, hp, EXECUTORS["vmap"], 0, fisher=True), shard)
     ids = np.array([1, 4])
     res = pool.train(torch.zeros(ParamSpec.of(model.build()).size), ids, round_idx=0)
     for row, c in enumerate(ids):
@@ -162,10 +162,9 @@ def test_pools_send_label_counts_steps_and_fisher(small_task):
 
 @pytest.fixture
 def small_task():
-    from engine.core.seeds import SeedTree
-    from scenarios.task import build_task
+    from engine.resolve import build_task
 
-    task = build_task(small_config(), SeedTree(0))
+    task = build_task(small_config(seed=0))
     return task, task.model
 
 

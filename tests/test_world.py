@@ -11,17 +11,29 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from engine.core.config import AvailabilityConfig, DevicesConfig, DistributionConfig
 from engine.core.errors import ConfigError
 from engine.core.seeds import SeedTree
-from scenarios.availability import build_availability
-from scenarios.devices import Devices, build_devices, draw
+from engine.resolve import resolve
+from scenarios.availability import AVAILABILITY
+from scenarios.devices import Devices, build_devices
+from scenarios.distributions import DISTRIBUTIONS
+from tests.conftest import small_config
 
 N_DRAWS = 200_000
 
 
+def _dist(kind: str, where: str = "devices.step_s", **params):
+    return DISTRIBUTIONS.make(kind, where, **params)
+
+
 def _draws(seed: int = 0, **kwargs) -> np.ndarray:
-    return draw(DistributionConfig(**kwargs), N_DRAWS, np.random.default_rng(seed))
+    return _dist(**kwargs).draw(N_DRAWS, np.random.default_rng(seed))
+
+
+def devices_from(n: int, seeds: SeedTree, **section) -> Devices:
+    """The devices a run builds from its `devices` section (defaults, `section` replacing)."""
+    cfg = small_config(devices=section)
+    return build_devices(resolve(cfg).devices, cfg.devices.path, n, seeds)
 
 
 def _one_line_error(err: pytest.ExceptionInfo, key: str) -> str:
@@ -85,10 +97,9 @@ def test_same_seed_same_draws(params):
 
 
 def test_bad_tier_weights_are_one_line_errors():
-    dist = DistributionConfig(kind="tiers", values=[1.0, 2.0], weights=[0.0, 0.0])
     with pytest.raises(ConfigError) as err:
-        draw(dist, 10, np.random.default_rng(0), "devices.step_s")
-    _one_line_error(err, "devices.step_s.weights")
+        _dist("tiers", values=[1.0, 2.0], weights=[0.0, 0.0])
+    assert "weights must be >= 0 with a positive sum" in _one_line_error(err, "devices.step_s")
 
 
 # --- devices -----------------------------------------------------------------------------
@@ -113,41 +124,39 @@ def test_task_time_by_hand():
 
 
 def test_build_devices_draws_each_quantity_from_its_own_stream():
-    base = DevicesConfig(step_s=DistributionConfig(kind="lognormal", median=0.02, sigma=0.5),
-                         up_bps=DistributionConfig(kind="uniform", low=1e5, high=1e6))
-    changed = base.model_copy(update={"up_bps": DistributionConfig(kind="pareto", scale=1e5,
-                                                                   shape=2.0)})
-    a = build_devices(base, 1000, SeedTree(3))
-    b = build_devices(base, 1000, SeedTree(3))
-    c = build_devices(changed, 1000, SeedTree(3))
+    base = dict(step_s=dict(kind="lognormal", median=0.02, sigma=0.5),
+                up_bps=dict(kind="uniform", low=1e5, high=1e6))
+    changed = {**base, "up_bps": dict(kind="pareto", scale=1e5, shape=2.0)}
+    a = devices_from(1000, SeedTree(3), **base)
+    b = devices_from(1000, SeedTree(3), **base)
+    c = devices_from(1000, SeedTree(3), **changed)
     for name in PROFILES:
         assert getattr(a, name).shape == (1000,) and getattr(a, name).dtype == np.float64
         assert np.array_equal(getattr(a, name), getattr(b, name))
     assert np.array_equal(a.step_s, c.step_s)  # another law for up_bps leaves step_s alone
     assert not np.array_equal(a.up_bps, c.up_bps)
     assert np.all(a.down_bps == 5e6) and np.all(a.latency_s == 0.05)  # the defaults
-    assert not np.array_equal(a.step_s, build_devices(base, 1000, SeedTree(4)).step_s)
-    same_law = DistributionConfig(kind="uniform", low=0.0, high=1.0)
-    d = build_devices(DevicesConfig(step_s=same_law, latency_s=same_law), 5000, SeedTree(3))
+    assert not np.array_equal(a.step_s, devices_from(1000, SeedTree(4), **base).step_s)
+    same_law = dict(kind="uniform", low=0.0, high=1.0)
+    d = devices_from(5000, SeedTree(3), step_s=same_law, latency_s=same_law)
     assert abs(np.corrcoef(d.step_s, d.latency_s)[0, 1]) < 0.06  # independent streams
 
 
 @pytest.mark.parametrize("name, dist", [
-    ("up_bps", DistributionConfig(kind="constant", value=0.0)),
-    ("down_bps", DistributionConfig(kind="uniform", low=0.0, high=1e6)),
-    ("up_bps", DistributionConfig(kind="tiers", values=[0.0, 1e6])),
-    ("step_s", DistributionConfig(kind="tiers", values=[-1.0, 1.0])),
+    ("up_bps", dict(kind="constant", value=0.0)),
+    ("down_bps", dict(kind="uniform", low=0.0, high=1e6)),
+    ("up_bps", dict(kind="tiers", values=[0.0, 1e6])),
+    ("step_s", dict(kind="tiers", values=[-1.0, 1.0])),
 ])
 def test_non_positive_bandwidths_are_config_errors(name, dist):
     with pytest.raises(ConfigError) as err:
-        build_devices(DevicesConfig(**{name: dist}), 10, SeedTree(0))
+        devices_from(10, SeedTree(0), **{name: dist})
     _one_line_error(err, f"devices.{name}")
 
 
 def test_zero_weight_tier_at_zero_bandwidth_is_allowed():
-    cfg = DevicesConfig(up_bps=DistributionConfig(kind="tiers", values=[0.0, 1e6],
-                                                  weights=[0.0, 1.0]))
-    assert np.all(build_devices(cfg, 50, SeedTree(0)).up_bps == 1e6)
+    up = dict(kind="tiers", values=[0.0, 1e6], weights=[0.0, 1.0])
+    assert np.all(devices_from(50, SeedTree(0), up_bps=up).up_bps == 1e6)
 
 
 def _profile_table(ids: list[int], **override) -> pa.Table:
@@ -173,7 +182,7 @@ def test_devices_file_round_trip(tmp_path, suffix):
     ids = [3, 0, 4, 1, 2]  # any row order
     table = _profile_table(ids)
     path = _write(table, tmp_path / f"devices.{suffix}")
-    dev = build_devices(DevicesConfig(path=path), 5, SeedTree(0))
+    dev = devices_from(5, SeedTree(0), path=path)
     order = np.argsort(ids)
     for name in PROFILES:
         assert np.allclose(getattr(dev, name), table.column(name).to_numpy()[order], rtol=1e-12)
@@ -191,27 +200,28 @@ def test_devices_file_round_trip(tmp_path, suffix):
 def test_bad_device_files_are_one_line_errors(tmp_path, table, words, suffix):
     path = _write(table, tmp_path / f"devices.{suffix}")
     with pytest.raises(ConfigError) as err:
-        build_devices(DevicesConfig(path=path), 5, SeedTree(0))
+        devices_from(5, SeedTree(0), path=path)
     assert words in _one_line_error(err, "devices.path")
 
 
 def test_missing_or_unknown_device_files(tmp_path):
     for path in (tmp_path / "absent.csv", tmp_path / "devices.json"):
         with pytest.raises(ConfigError) as err:
-            build_devices(DevicesConfig(path=str(path)), 5, SeedTree(0))
+            devices_from(5, SeedTree(0), path=str(path))
         _one_line_error(err, "devices.path")
     garbled = tmp_path / "garbled.parquet"
     garbled.write_text("not parquet at all\nreally\n")
     with pytest.raises(ConfigError) as err:
-        build_devices(DevicesConfig(path=str(garbled)), 5, SeedTree(0))
+        devices_from(5, SeedTree(0), path=str(garbled))
     assert "cannot read" in _one_line_error(err, "devices.path")
 
 
 # --- availability ------------------------------------------------------------------------
 
 
-def _availability(n: int, seed: int = 0, **kwargs):
-    return build_availability(AvailabilityConfig(**kwargs), n, SeedTree(seed))
+def _availability(n: int, seed: int = 0, kind: str = "always", **params):
+    engine = {"num_clients": n, "seeds": SeedTree(seed)}
+    return AVAILABILITY.make(kind, "population.availability", engine, **params)
 
 
 def _schedule(avail, slots) -> np.ndarray:
@@ -220,13 +230,12 @@ def _schedule(avail, slots) -> np.ndarray:
 
 def test_always_online():
     avail = _availability(7)
-    assert avail.kind == "always"
     assert _schedule(avail, range(5)).all()
     assert avail.local_steps(0) is None and np.all(avail.rates == 1.0)
 
 
 def test_bernoulli_per_client_rates():
-    prob = DistributionConfig(kind="uniform", low=0.1, high=0.9)
+    prob = dict(kind="uniform", low=0.1, high=0.9)
     avail = _availability(200, kind="bernoulli", probability=prob)
     p = avail.rates
     assert p.shape == (200,) and p.min() >= 0.1 and p.max() <= 0.9 and p.std() > 0.15
@@ -237,7 +246,7 @@ def test_bernoulli_per_client_rates():
 
 
 def test_bernoulli_probabilities_are_clipped():
-    prob = DistributionConfig(kind="uniform", low=0.5, high=1.5)
+    prob = dict(kind="uniform", low=0.5, high=1.5)
     avail = _availability(500, kind="bernoulli", probability=prob)
     assert avail.rates.max() == 1.0 and avail.rates.min() >= 0.5
     always_on = avail.rates == 1.0
@@ -246,7 +255,7 @@ def test_bernoulli_probabilities_are_clipped():
 
 
 def test_bernoulli_mask_depends_only_on_seed_and_slot():
-    prob = DistributionConfig(kind="uniform", low=0.1, high=0.9)
+    prob = dict(kind="uniform", low=0.1, high=0.9)
     a = _availability(300, seed=9, kind="bernoulli", probability=prob)
     b = _availability(300, seed=9, kind="bernoulli", probability=prob)
     forward = _schedule(a, range(20))
@@ -357,8 +366,8 @@ def test_trace_missing_file_column_or_path(tmp_path):
 
 
 def test_anarchic_presence_and_local_steps():
-    steps = DistributionConfig(kind="uniform", low=1.0, high=8.0)
-    prob = DistributionConfig(kind="uniform", low=0.2, high=0.8)
+    steps = dict(kind="uniform", low=1.0, high=8.0)
+    prob = dict(kind="uniform", low=0.2, high=0.8)
     avail = _availability(1000, kind="anarchic", probability=prob, steps=steps)
     bern = _availability(1000, kind="bernoulli", probability=prob)
     assert np.array_equal(avail.rates, bern.rates)
@@ -381,21 +390,21 @@ def test_anarchic_presence_and_local_steps():
 
 
 def test_anarchic_steps_are_at_least_one():
-    steps = DistributionConfig(kind="lognormal", median=0.3, sigma=0.2)
+    steps = dict(kind="lognormal", median=0.3, sigma=0.2)
     avail = _availability(300, kind="anarchic", steps=steps)
     k = avail.local_steps(0)
     assert np.all(k[avail.mask(0)] == 1)
     with pytest.raises(ConfigError) as err:
         _availability(10, kind="anarchic",
-                      steps=DistributionConfig(kind="tiers", values=[1.0], weights=[-1.0]))
-    _one_line_error(err, "population.availability.steps.weights")
+                      steps=dict(kind="tiers", values=[1.0], weights=[-1.0]))
+    _one_line_error(err, "population.availability.steps")
 
 
 @pytest.mark.parametrize("kind", ["always", "bernoulli", "cyclic", "markov", "anarchic"])
 def test_availability_pickles_and_rejects_bad_slots(kind):
     avail = _availability(64, seed=1, kind=kind)
     restored = pickle.loads(pickle.dumps(avail))
-    assert restored.kind == kind
+    assert type(restored) is type(avail)
     assert np.array_equal(_schedule(restored, range(10)), _schedule(avail, range(10)))
     with pytest.raises(ValueError):
         avail.mask(-1)

@@ -16,6 +16,7 @@ from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.loops.world import SyncWorld
 from engine.records.logs import read_table
+from engine.resolve import build_world, resolve
 from policies.selection import over_selection, power_of_choice
 from tests.conftest import small_config
 
@@ -39,7 +40,8 @@ def _at(value, i):
 
 def world_of(cfg, sizes, seeds=None) -> SyncWorld:
     hp = LocalSGD(cfg.training.local_epochs, cfg.training.batch_size, cfg.training.lr)
-    return SyncWorld(cfg, np.asarray(sizes), hp, P_BYTES, seeds or SeedTree(cfg.seed))
+    assert seeds is None or seeds.seed == cfg.seed
+    return build_world(cfg, np.asarray(sizes), hp, P_BYTES)
 
 
 def test_a_round_lasts_until_its_slowest_reporting_client(tmp_path):
@@ -86,11 +88,11 @@ def test_over_selection_keeps_the_first_k_to_report(tmp_path):
 
 def test_selection_policies_by_hand():
     rng = np.random.default_rng(0)
-    assert over_selection(np.arange(10), 4, 1.3, rng).size == 6
     losses = np.array([0.1, 5.0, np.inf, 0.3, 2.0, 0.2])
+    assert over_selection(1.3).choose(np.arange(10), 4, losses, rng).size == 6
     # d = 6 candidates (all of them): the 3 highest losses, never-seen (inf) first
-    assert power_of_choice(np.arange(6), 3, 6, losses, rng).tolist() == [1, 2, 4]
-    picked = power_of_choice(np.arange(6), 2, 3, losses, np.random.default_rng(1))
+    assert power_of_choice(6).choose(np.arange(6), 3, losses, rng).tolist() == [1, 2, 4]
+    picked = power_of_choice(3).choose(np.arange(6), 2, losses, np.random.default_rng(1))
     assert picked.size == 2
 
 
@@ -109,10 +111,10 @@ def test_faults_are_seeded_and_counted_in_the_events_table(tmp_path):
     counted = {k["kind"]: k["client_id_count"] for k in
                events.group_by("kind").aggregate([("client_id", "count")]).to_pylist()}
     from engine.core.params import init_params
-    from scenarios.task import build_task
+    from engine.resolve import build_task
 
     seeds = SeedTree(cfg.seed)
-    task = build_task(cfg, seeds)
+    task = build_task(cfg)
     params = init_params(task.model.build, seeds.integer("init"))
     world = world_of(cfg, task.client_sizes, seeds)
     world.transfer = params.numel() * 4
@@ -190,10 +192,17 @@ def test_fedfix_aggregates_on_its_interval(tmp_path):
     assert rounds["num_updates"].to_pylist()[0] == 4
 
 
-def test_async_modes_refuse_other_server_rules():
-    with pytest.raises(ConfigError, match="server.mode=fedbuff applies its own server rule"):
-        run_experiment(small_config(server={"mode": "fedbuff"},
-                                    aggregation="coordinate_median"), INLINE)
+def test_async_modes_refuse_what_needs_synchronous_rounds():
+    """A stage or client variant defined over synchronous rounds is refused, with the
+    reason; any other chain composes."""
+    for aggregation, reason in [("fedau", "participation interval over synchronous rounds"),
+                                ({"dp_gaussian": {"clip": 1.0}}, "sampled round")]:
+        with pytest.raises(ConfigError, match=reason):
+            run_experiment(small_config(server={"mode": "fedbuff"}, aggregation=aggregation),
+                           INLINE)
+    with pytest.raises(ConfigError, match="SCAFFOLD runs in synchronous rounds only"):
+        run_experiment(small_config(server={"mode": "fedasync"}, training={"scaffold": True}),
+                       INLINE)
 
 
 def test_fedau_runs_end_to_end_under_unknown_participation(tmp_path):
@@ -211,14 +220,18 @@ def test_fedau_runs_end_to_end_under_unknown_participation(tmp_path):
 def test_lost_messages_keep_mixing_stochastic():
     """A lost message's weight stays with the receiver (row-stochastic mixing) or with the
     sender (push-sum); dead peers are identity rows."""
-    from engine.core.config import FailuresConfig, TopologyConfig
-    from scenarios.network import Network
+    from engine.core.config import FailuresConfig
+    from engine.resolve import build_network
+    from tests.conftest import small_config
 
     alive = np.ones(12, dtype=bool)
     alive[[3, 7]] = False
     failures = FailuresConfig(message_loss=0.3, link_failure=0.1)
     for kind, axis in [("metropolis_hastings", 1), ("push_sum", 0)]:
-        net = Network(TopologyConfig(kind="torus"), kind, 12, SeedTree(3))
+        net = build_network(small_config(
+            seed=3, mode="decentralized", population={"num_clients": 12},
+            topology={"kind": "torus"}, gossip={"mixing": kind},
+            consensus="push_sum" if kind == "push_sum" else "gossip"))
         w, events = net.faulty_mixing(2, alive, failures)
         dense = w.toarray()
         np.testing.assert_allclose(dense.sum(axis=axis), 1.0, atol=1e-12)
@@ -234,8 +247,8 @@ def test_gossip_with_crashes_and_lost_messages_logs_every_fault(tmp_path):
     """The issue's command, small: D-SGD on a ring with crash-recover peers and lost
     messages completes; the events table equals a replay of the faults."""
     from engine.core.config import build_config
+    from engine.resolve import build_network
     from scenarios.failures import Liveness
-    from scenarios.network import Network
     from tests.conftest import small_raw
 
     raw = small_raw(mode="decentralized", rounds=6, population={"num_clients": 12},
@@ -248,8 +261,8 @@ def test_gossip_with_crashes_and_lost_messages_logs_every_fault(tmp_path):
     result = run_experiment(cfg, INLINE, tmp_path, False)
     table = read_table(result.log_dir, "events")
     seeds = SeedTree(cfg.seed)
-    net = Network(cfg.topology, cfg.gossip.mixing, 12, seeds)
-    live = Liveness(cfg.failures, 12, seeds)
+    net = build_network(cfg)
+    live = Liveness(cfg.failures, 12, seeds, resolve(cfg).downtime)
     expected = []
     for r in range(cfg.rounds):
         alive, events = live.step(r)
@@ -272,15 +285,14 @@ def test_the_steps_timed_are_the_steps_trained(tmp_path, world):
     result = run_experiment(cfg, INLINE, tmp_path, False)
     logged = read_table(result.log_dir, "clients").sort_by([("round", "ascending"),
                                                              ("client_id", "ascending")])
-    from scenarios.task import build_task
+    from engine.resolve import build_task
 
-    seeds = SeedTree(cfg.seed)
-    task = build_task(cfg, seeds)
+    task = build_task(cfg)
     batch = min(cfg.training.batch_size, int(task.client_sizes.max()))
     t = cfg.training
     hp = LocalSGD(t.local_epochs, batch, t.lr, max_steps=t.max_local_steps,
                   min_steps=t.min_local_steps)
-    world_ = SyncWorld(cfg, task.client_sizes, hp, P_BYTES, seeds)
+    world_ = build_world(cfg, task.client_sizes, hp, P_BYTES)
     planned = np.concatenate([world_.plan(r).steps for r in range(cfg.rounds)])
     assert logged["local_steps"].to_pylist() == planned.tolist()
     assert len(set(planned.tolist())) > 2  # the steps do vary

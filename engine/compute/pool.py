@@ -7,13 +7,13 @@ in-process. Pools never choose clients; they train whom they are told to.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from engine.compute.training import (
-    EXECUTORS,
     DiagonalFisher,
     LocalSGD,
     Trained,
@@ -23,12 +23,11 @@ from engine.compute.training import (
     step_budgets,
 )
 from engine.core import tree
-from engine.core.config import CompressionConfig
 from engine.core.params import ParamSpec, flatten_module
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
-from policies.compression import build_compressor, with_error_feedback
+from policies.compression import Compressor, none, with_error_feedback
 from scenarios.models import ModelSpec
 from scenarios.task import Shard
 
@@ -43,9 +42,10 @@ TRAIN_BLOCK = 256
 class PoolSpec:
     model: ModelSpec
     hp: LocalSGD
-    executor: str
+    executor: Callable  # an EXECUTORS entry: (model, spec) -> executor
     seed: int
-    compression: CompressionConfig = CompressionConfig()  # applied to each client's delta
+    compressor: Compressor = none()  # applied to each client's delta
+    error_feedback: bool = True  # keep each client's compression residual
     fisher: bool = False  # clients also return their local model's diagonal Fisher
 
 
@@ -112,7 +112,7 @@ class ClientPool:
         self.y = torch.from_numpy(np.array(shard.y, copy=True))
         self.seeds = SeedTree(spec.seed)
         model = spec.model.build()
-        self.executor = EXECUTORS[spec.executor](model, ParamSpec.of(model))
+        self.executor = spec.executor(model, ParamSpec.of(model))
         self.fisher = DiagonalFisher(model, ParamSpec.of(model)) if spec.fisher else None
         # each client's training labels per class, sent with its update (FedDisco's input)
         owner = np.repeat(np.arange(self.client_ids.size), np.diff(self.offsets))
@@ -124,10 +124,9 @@ class ClientPool:
         size = ParamSpec.of(model).size
         self.controls = torch.zeros(self.client_ids.size, size) if spec.hp.scaffold else None
         # update compression, with error feedback's residual e_i per client of the shard
-        c = spec.compression
-        self.compressor = None if c.kind == "none" else build_compressor(c.kind, **c.params)
+        self.compressor = None if spec.compressor.lossless else spec.compressor
         self.residuals = torch.zeros(self.client_ids.size, size) if (
-            self.compressor is not None and c.error_feedback) else None
+            self.compressor is not None and spec.error_feedback) else None
         self._warm_up(model)
         for state in (self.controls, self.residuals):
             if state is not None:

@@ -8,6 +8,7 @@ both executors apply exactly the same SGD steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from engine.core.params import ParamSpec
+from engine.core.plugins import Registry
 from engine.core.seeds import keyed_permutations
 
 
@@ -250,4 +252,6 @@ class LoopExecutor:
         return final - params, loss_sum / max(n, 1), n, buf
 
 
-EXECUTORS = {"vmap": VmapExecutor, "loop": LoopExecutor}
+EXECUTORS: Registry[Callable[..., Trained]] = Registry("executor", {
+    "vmap": VmapExecutor, "loop": LoopExecutor,
+}, runtime=("model", "spec"))

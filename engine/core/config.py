@@ -10,20 +10,12 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_serializer,
-    model_validator,
-    validate_call,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.core.errors import SHOWN_CHARS, ConfigError, shown
 
@@ -105,15 +97,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class SyntheticConfig(_Strict):
-    """LEAF's Synthetic(alpha, beta): each client has its own softmax model and input law."""
+class PluginSection(_Strict):
+    """A config section that names a plugin: the kind under KIND_KEY, the section's own fields,
+    and, as the other keys, the kind's parameters (and parameters kept under other kinds'
+    names, engine/core/plugins.py). The registry that resolves the kind checks those."""
 
-    alpha: float = Field(1.0, ge=0, description="spread of the clients' models")
-    beta: float = Field(1.0, ge=0, description="spread of the clients' input means")
-    num_features: int = Field(60, ge=1)
-    num_classes: int = Field(10, ge=2)
-    samples_per_client: int = Field(64, ge=2, description="mean samples per client (train+test)")
-    quantity_sigma: float = Field(0.0, ge=0, description="lognormal spread of per-client counts")
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    KIND_KEY: ClassVar[str] = "kind"
+
+    @property
+    def chosen(self) -> str:
+        return getattr(self, self.KIND_KEY)
+
+    @property
+    def items(self) -> dict[str, Any]:
+        """The plugin's parameters as written (its own, and others' under their names)."""
+        return dict(self.model_extra or {})
 
 
 class SupermaskConfig(_Strict):
@@ -125,32 +124,34 @@ class SupermaskConfig(_Strict):
                                                  "else by the signed score (FRL's paper text)")
 
 
-class ModelConfig(_Strict):
-    kind: Literal["logistic", "mlp", "cnn"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1)]] = [64]
+class ModelConfig(PluginSection):
+    """The model (scenarios/models.py MODELS: logistic, mlp, cnn) and its parameters."""
+
+    kind: str = "mlp"
     supermask: SupermaskConfig | None = None  # None: a dense model whose weights train
 
 
-class TaskConfig(_Strict):
-    dataset: Literal["synthetic", "digits"] = "digits"
-    synthetic: SyntheticConfig = SyntheticConfig()
+class TaskConfig(PluginSection):
+    """The dataset (scenarios/datasets.py DATASETS, e.g. digits, synthetic) with its
+    parameters (under the dataset's name, e.g. `task.synthetic.alpha`), and the model."""
+
+    KIND_KEY: ClassVar[str] = "dataset"
+    dataset: str = "digits"
     model: ModelConfig = ModelConfig()
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    max_test_samples: int = Field(10_000, ge=1)
+    max_test_samples: int = Field(10_000, ge=1, le=10**9)
 
 
-class PartitionConfig(_Strict):
-    """How training samples are split over clients (see scenarios/partition.py)."""
+class PartitionConfig(PluginSection):
+    """How training samples are split over clients (scenarios/partition.py PARTITIONS)."""
 
-    kind: Literal["natural", "iid", "dirichlet", "shards", "quantity"] = "iid"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
-    shards_per_client: int = Field(2, ge=1)
+    kind: str = "iid"
 
 
 class ParticipationConfig(_Strict):
     """Uniform participation: exactly one of clients_per_round (K of N) or fraction."""
 
-    clients_per_round: int | None = Field(None, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, le=10**9)
     fraction: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -160,10 +161,18 @@ class ParticipationConfig(_Strict):
         return self
 
 
+class AvailabilityConfig(PluginSection):
+    """Who is online in each slot (scenarios/availability.py AVAILABILITY); a slot is a round,
+    or `slot_s` virtual seconds in asynchronous runs. The server never sees the rates."""
+
+    kind: str = "always"
+    slot_s: float = Field(1.0, gt=0, description="virtual seconds per slot (async runs)")
+
+
 class PopulationConfig(_Strict):
-    num_clients: int = Field(100, ge=1)
+    num_clients: int = Field(100, ge=1, le=10**9)
     participation: ParticipationConfig = ParticipationConfig(fraction=0.1)
-    availability: AvailabilityConfig = Field(default_factory=lambda: AvailabilityConfig())
+    availability: AvailabilityConfig = AvailabilityConfig()
 
     @model_validator(mode="after")
     def _k_fits(self) -> PopulationConfig:
@@ -175,31 +184,24 @@ class PopulationConfig(_Strict):
         return self
 
 
-class CompressionConfig(_Strict):
-    """Client-side update compression (policies/compression.py): `kind` (none, topk, randomk,
-    quantize8, qsgd, sign) with its parameters as the other keys (e.g. ratio, levels), and
-    error feedback (a residual per client, kept in the pools)."""
-
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+class CompressionConfig(PluginSection):
+    """Update compression (policies/compression.py COMPRESSORS) and error feedback (a
+    residual per client, kept in the pools)."""
 
     kind: str = "none"
     error_feedback: bool = True
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
 
 class TrainingConfig(_Strict):
-    executor: Literal["vmap", "loop"] = "vmap"
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
+    executor: Any = Field("vmap", description="executors (engine/compute/training.py)")
+    local_epochs: int = Field(1, ge=1, le=10**6)
+    batch_size: int = Field(16, ge=1, le=10**9)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1, description="local Polyak momentum (EMA form)")
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight mu (0: plain SGD)")
-    max_local_steps: int | None = Field(None, ge=1, description="local-step budget")
-    min_local_steps: int | None = Field(None, ge=1, description="with max: budget drawn per "
-                                        "client and round in [min, max]")
+    max_local_steps: int | None = Field(None, ge=1, le=10**9, description="local-step budget")
+    min_local_steps: int | None = Field(None, ge=1, le=10**9, description="with max: budget "
+                                        "drawn per client and round in [min, max]")
     scaffold: bool = Field(False, description="SCAFFOLD control variates (federated runs)")
     compression: CompressionConfig = CompressionConfig()
 
@@ -211,88 +213,41 @@ class TrainingConfig(_Strict):
         return self
 
 
-class DistributionConfig(_Strict):
-    """A per-client quantity, drawn once per client from `kind` (scenarios/devices.py):
-    constant `value`; uniform in [low, high]; lognormal with `median` and `sigma`; Pareto with
-    minimum `scale` and tail index `shape`; or `tiers`: `values` with probabilities `weights`."""
-
-    kind: Literal["constant", "uniform", "lognormal", "pareto", "tiers"] = "constant"
-    value: float | None = Field(None, ge=0)
-    low: float | None = Field(None, ge=0)
-    high: float | None = Field(None, ge=0)
-    median: float | None = Field(None, gt=0)
-    sigma: float | None = Field(None, ge=0)
-    scale: float | None = Field(None, gt=0)
-    shape: float | None = Field(None, gt=0)
-    values: list[float] | None = Field(None, min_length=1)
-    weights: list[float] | None = Field(None, min_length=1)
-
-    @model_validator(mode="after")
-    def _parameters(self) -> DistributionConfig:
-        needs = {"constant": ["value"], "uniform": ["low", "high"],
-                 "lognormal": ["median", "sigma"], "pareto": ["scale", "shape"],
-                 "tiers": ["values"]}[self.kind]
-        missing = [n for n in needs if getattr(self, n) is None]
-        if missing:
-            raise ValueError(f"kind={self.kind} needs {', '.join(missing)}")
-        if self.kind == "uniform" and self.low > self.high:
-            raise ValueError(f"low={self.low} must be <= high={self.high}")
-        if self.weights is not None and len(self.weights) != len(self.values or []):
-            raise ValueError("tiers: weights must have one entry per value")
-        return self
-
-
 def _constant(value: float) -> Any:
-    return Field(default_factory=lambda: DistributionConfig(value=value))
+    return Field(default_factory=lambda: {"kind": "constant", "value": value})
 
 
-class AvailabilityConfig(_Strict):
-    """Who is online in each slot (a round; `slot_s` virtual seconds in asynchronous runs),
-    scenarios/availability.py. The server never sees the rates."""
+class SelectionConfig(PluginSection):
+    """Whom the server picks among the available clients (policies/selection.py SELECTION)
+    and how long a synchronous round waits for them."""
 
-    kind: Literal["always", "bernoulli", "cyclic", "markov", "trace", "anarchic"] = "always"
-    probability: DistributionConfig = _constant(0.5)  # bernoulli, anarchic: p_i per client
-    period: int = Field(24, ge=1, description="cyclic: slots per cycle")
-    online_fraction: float = Field(0.5, gt=0, le=1, description="cyclic: share of a cycle on")
-    p_on_off: float = Field(0.1, ge=0, le=1, description="markov: P(on -> off) per slot")
-    p_off_on: float = Field(0.1, ge=0, le=1, description="markov: P(off -> on) per slot")
-    path: str | None = Field(None, description="trace: Parquet/CSV of client_id, start, end")
-    steps: DistributionConfig = _constant(1)  # anarchic: each client's own local steps
-    slot_s: float = Field(1.0, gt=0, description="virtual seconds per slot (async runs)")
-
-
-class SelectionConfig(_Strict):
-    """Whom the server picks among the available clients (policies/selection.py) and how long
-    a synchronous round waits for them."""
-
-    kind: Literal["uniform", "over_selection", "power_of_choice"] = "uniform"
-    factor: float = Field(1.3, ge=1, description="over_selection: pick factor*K, keep first K")
-    candidates: int | None = Field(None, ge=1, description="power_of_choice: d (default 2K)")
+    kind: str = "uniform"
     deadline_s: float | None = Field(None, gt=0, description="later arrivals are stragglers")
 
 
 class DevicesConfig(_Strict):
-    """Per-client compute and network, drawn once (scenarios/devices.py). A client's task time
-    is latency + model bytes / down_bps + steps * step_s + update bytes / up_bps."""
+    """Per-client compute and network, each a distribution (scenarios/devices.py
+    DISTRIBUTIONS) drawn once. A client's task time is latency + model bytes / down_bps +
+    steps * step_s + update bytes / up_bps."""
 
-    step_s: DistributionConfig = _constant(0.01)
-    up_bps: DistributionConfig = _constant(1.25e6)
-    down_bps: DistributionConfig = _constant(5e6)
-    latency_s: DistributionConfig = _constant(0.05)
+    step_s: Any = _constant(0.01)
+    up_bps: Any = _constant(1.25e6)
+    down_bps: Any = _constant(5e6)
+    latency_s: Any = _constant(0.05)
     path: str | None = Field(None, description="Parquet/CSV: client_id, step_s, up_bps, "
                                                 "down_bps, latency_s (overrides the draws)")
 
 
 class CrashConfig(_Strict):
     rate: float = Field(0.0, ge=0, le=1, description="P(an up client crashes) per slot")
-    downtime: DistributionConfig | None = None  # slots down; None: crash-stop
+    downtime: Any = None  # a distribution of slots down; None: crash-stop
 
 
 class ChurnConfig(_Strict):
     """At slot `at`, a `leave` share of the present clients leaves for good and a `join`
     share of the absent ones joins."""
 
-    at: int = Field(ge=0)
+    at: int = Field(ge=0, le=10**9)
     leave: float = Field(0.0, ge=0, le=1)
     join: float = Field(0.0, ge=0, le=1)
 
@@ -312,61 +267,34 @@ class FailuresConfig(_Strict):
                                                             "round")
 
 
-class StalenessConfig(_Strict):
-    """FedAsync's s(tau) (Xie et al., 2019): constant 1; polynomial (1 + tau)^-a; hinge 1
-    for tau <= b, else 1 / (a (tau - b) + 1)."""
+class ServerConfig(PluginSection):
+    """How the server runs: `mode` names a server rule (policies/asynchronous.py SERVER_RULES:
+    sync, fedasync, fedbuff, fedfix, fedcompass) with its parameters as the other keys."""
 
-    kind: Literal["constant", "polynomial", "hinge"] = "constant"
-    a: float = Field(0.5, ge=0)
-    b: float = Field(4.0, ge=0)
-
-
-class ServerConfig(_Strict):
-    """How the server runs rounds: synchronously, or asynchronously in virtual time
-    (engine/loops/async_fl.py: FedAsync, FedBuff, FedFix, and semi-asynchronous FedCompass)."""
-
-    mode: Literal["sync", "fedasync", "fedbuff", "fedfix", "fedcompass"] = "sync"
-    concurrency: int = Field(10, ge=1, description="async: clients training at once "
-                             "(fedcompass: also those waiting for their group)")
-    buffer: int = Field(10, ge=1, description="fedbuff: aggregate every B arrivals")
-    interval_s: float = Field(1.0, gt=0, description="fedfix: aggregate every interval")
-    alpha: float = Field(0.6, gt=0, le=1, description="fedasync: mixing weight; fedcompass: "
-                         "server step, x += alpha * sum_i s(tau_i) n_i / n * delta_i")
-    staleness: StalenessConfig = StalenessConfig()
-    lr: float = Field(1.0, gt=0, description="fedbuff, fedfix: server learning rate")
+    KIND_KEY: ClassVar[str] = "mode"
+    mode: str = "sync"
+    concurrency: int = Field(10, ge=1, le=10**9, description="async: clients training at "
+                             "once (fedcompass: also those waiting for their group)")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) "
                             "reported per round with aggregation dp_gaussian")
-    max_local_steps: int = Field(20, ge=1, description="fedcompass: Q_max, the most local steps "
-                                 "the scheduler assigns (needs training.local_epochs enough "
-                                 "batches on every client)")
-    q_ratio: float = Field(0.2, gt=0, le=1, description="fedcompass: Q_min = max(1, "
-                           "floor(q_ratio * Q_max)), the fewest local steps it assigns")
-    tolerance: float = Field(1.5, ge=1, description="fedcompass: lambda, a group opened at t "
-                             "for Q steps of speed v waits until t + lambda * Q * v")
 
 
-class AttackConfig(_Strict):
+class AttackConfig(PluginSection):
     """Byzantine clients: `fraction` of the population, chosen by the seed tree, run attack
-    `kind` (scenarios/adversaries.py); any other key is a parameter of that attack."""
-
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    `kind` (scenarios/adversaries.py ATTACKS) with its parameters as the other keys."""
 
     kind: str = "none"
     fraction: float = Field(0.0, ge=0, le=1)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 class OutageConfig(_Strict):
     """A scheduled failure window [start, stop) of rounds: drop a seeded `fraction` of the
     edges, and/or cut the peers into `parts` contiguous id blocks (a network partition)."""
 
-    start: int = Field(ge=0)
-    stop: int = Field(ge=1)
+    start: int = Field(ge=0, le=10**9)
+    stop: int = Field(ge=1, le=10**9)
     fraction: float = Field(0.0, ge=0, le=1)
-    parts: int = Field(0, ge=0)
+    parts: int = Field(0, ge=0, le=10**9)
 
     @model_validator(mode="after")
     def _window(self) -> OutageConfig:
@@ -375,23 +303,12 @@ class OutageConfig(_Strict):
         return self
 
 
-TOPOLOGY_KINDS = ("ring", "torus", "grid", "complete", "star", "random_regular",
-                  "erdos_renyi", "small_world", "barabasi_albert", "exponential", "hypercube",
-                  "edge_list")
+class TopologyConfig(PluginSection):
+    """The peers' communication graph (scenarios/topology.py TOPOLOGIES): drawn once, or
+    redrawn every round (`dynamic: redraw`), minus scheduled outages."""
 
-
-class TopologyConfig(_Strict):
-    """The peers' communication graph (scenarios/topology.py)."""
-
-    kind: Literal[TOPOLOGY_KINDS] = "ring"  # type: ignore[valid-type]
-    degree: int = Field(4, ge=1, description="random_regular")
-    p: float = Field(0.1, gt=0, le=1, description="erdos_renyi edge probability")
-    k: int = Field(4, ge=2, description="small_world: nearest neighbours in the lattice")
-    beta: float = Field(0.1, ge=0, le=1, description="small_world: rewiring probability")
-    m: int = Field(2, ge=1, description="barabasi_albert: edges per new node")
-    path: str | None = Field(None, description="edge_list: file of 'src dst' lines")
-    directed: bool = Field(False, description="edge_list: arcs are directed")
-    dynamic: Literal["static", "random_regular", "matching"] = "static"
+    kind: str = "ring"
+    dynamic: Literal["static", "redraw"] = "static"
     allow_disconnected: bool = False
     outages: list[OutageConfig] = []
 
@@ -408,42 +325,14 @@ class GossipConfig(_Strict):
     """Decentralized learning: how peers mix, how often, and how they are evaluated."""
 
     mode: Literal["sync", "async"] = "sync"
-    mixing: Literal["metropolis_hastings", "max_degree", "push_sum"] = "metropolis_hastings"
-    steps: int = Field(1, ge=1, description="gossip steps per round (multiple gossip steps)")
+    mixing: Any = Field("metropolis_hastings", description="scenarios/mixing.py MIXING")
+    steps: int = Field(1, ge=1, le=10**6, description="gossip steps per round")
     init: Literal["shared", "independent"] = "shared"
     final_merge: bool = False
-    eval_peers: int = Field(32, ge=0, description="peers evaluated per eval round; 0: all")
-    peer_test_samples: int = Field(500, ge=1)
+    eval_peers: int = Field(32, ge=0, le=10**9, description="peers evaluated per eval round; "
+                            "0: all")
+    peer_test_samples: int = Field(500, ge=1, le=10**9)
     asynchronous: AsyncGossipConfig = AsyncGossipConfig()
-
-
-class StageSpec(_Strict):
-    """One stage of an aggregation chain: a registry name (or "pkg.mod:attr") and its kwargs."""
-
-    name: str = Field(min_length=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-def _stage_list(value: Any) -> Any:
-    """Accept `name`, `{name: {kw: v}}` or a list of those; return a list of StageSpec dicts."""
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            out.append({"name": item})
-        elif isinstance(item, dict) and len(item) == 1:
-            (name, kwargs), = item.items()
-            out.append({"name": name, "kwargs": {} if kwargs is None else kwargs})
-        else:
-            raise ValueError("a stage is a name or a one-key mapping {name: {param: value}}")
-    return out
-
-
-def _stage_field(default: str) -> Any:
-    return Field(default_factory=lambda: [StageSpec(name=default)])
-
-
-Stages = Annotated[list[StageSpec], BeforeValidator(_stage_list)]
 
 
 class ExperimentConfig(_Strict):
@@ -463,14 +352,10 @@ class ExperimentConfig(_Strict):
     devices: DevicesConfig = DevicesConfig()
     failures: FailuresConfig = FailuresConfig()
     server: ServerConfig = ServerConfig()
-    aggregation: Stages = _stage_field("fedavg")  # federated mode
-    topology: TopologyConfig = TopologyConfig()  # decentralized mode
-    gossip: GossipConfig = GossipConfig()  # decentralized mode
-    consensus: Stages = _stage_field("gossip")  # decentralized mode: exactly one policy
-
-    @field_serializer("aggregation", "consensus")
-    def _stages_as_written(self, stages: list[StageSpec]) -> list[dict[str, Any]]:
-        return [{s.name: dict(s.kwargs)} for s in stages]
+    aggregation: Any = "fedavg"  # federated: a stage, or a chain (a list of stages)
+    topology: TopologyConfig = TopologyConfig()  # decentralized
+    gossip: GossipConfig = GossipConfig()  # decentralized
+    consensus: Any = "gossip"  # decentralized: one consensus policy
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -479,21 +364,18 @@ class ExperimentConfig(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """A stable hash of the resolved config (what defines the results, not the runtime)."""
+        """A stable hash of the config (what defines the results, not the runtime)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
-def call_validated(factory: Any, kwargs: dict[str, Any], where: str) -> Any:
-    """factory(**kwargs) with kwargs checked against its annotations; a bad one is a
-    ConfigError naming `where.<param>`."""
-    try:
-        return validate_call(factory)(**kwargs)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = "unknown parameter" if "unexpected" in first["type"] else first["msg"]
-        raise ConfigError(f"{where}.{key}: {msg} (got {shown(first.get('input'))})") from None
+# Config sections that name a plugin: path -> section class (its KIND_KEY names the kind).
+PLUGIN_SECTIONS: dict[str, type[PluginSection]] = {
+    "task": TaskConfig, "task.model": ModelConfig, "partition": PartitionConfig,
+    "population.availability": AvailabilityConfig, "training.compression": CompressionConfig,
+    "selection": SelectionConfig, "server": ServerConfig, "attack": AttackConfig,
+    "topology": TopologyConfig,
+}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -512,7 +394,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+# Config path of a plugin -> {kind: the names of its parameters} (engine/resolve.py CATALOG):
+# lets an override that switches a plugin's kind keep what was written for the old one.
+Catalog = Mapping[str, Mapping[str, Collection[str]]]
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any,
+                   catalog: Catalog | None = None) -> None:
+    """Set `path` in the raw config. When it switches a plugin's kind (`catalog` names its
+    kinds' parameters), the parameters written for the old kind move under the old kind's
+    name: `task.model.kind=cnn` on `{kind: mlp, hidden: [64]}` gives
+    `{kind: cnn, mlp: {hidden: [64]}}`, kept for mlp, not given to cnn."""
     node = raw
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
@@ -520,7 +412,23 @@ def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
             where = ".".join(path[: i + 1])
             raise ConfigError(f"{where}: is a value, not a section; cannot set {'.'.join(path)}")
         node = child
+    section = ".".join(path[:-1])
+    if catalog is not None and section in catalog:
+        _switch_kind(node, section, path[-1], value, catalog[section])
     node[path[-1]] = value
+
+
+def _switch_kind(node: dict[str, Any], section: str, key: str, new: Any,
+                 kinds: Mapping[str, Collection[str]]) -> None:
+    cls = PLUGIN_SECTIONS.get(section)
+    kind_key = cls.KIND_KEY if cls else "kind"
+    old = node.get(kind_key, cls.model_fields[kind_key].default if cls else None)
+    if key != kind_key or not isinstance(old, str) or old == new or old not in kinds:
+        return
+    moving = [k for k in node if k in kinds[old] and k != kind_key]
+    if moving:
+        kept = node.get(old) if isinstance(node.get(old), dict) else {}
+        node[old] = {**kept, **{k: node.pop(k) for k in moving}}
 
 
 def _error_line(err: ValidationError) -> str:
@@ -567,9 +475,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML scenario, apply `key=value` overrides, validate."""
+def load_config(path: str | Path, overrides: list[str] = (),
+                catalog: Catalog | None = None) -> ExperimentConfig:
+    """Read a YAML scenario, apply `key=value` overrides, validate the schema (the plugins'
+    parameters are checked when engine/resolve.py builds them)."""
     raw = read_yaml(path)
     for text in overrides:
-        apply_override(raw, *parse_override(text))
+        apply_override(raw, *parse_override(text), catalog)
     return build_config(raw)

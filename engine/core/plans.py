@@ -5,9 +5,11 @@ the loop trains the clients it keeps and logs the rest."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine.core.events import Events
 
@@ -45,3 +47,20 @@ class RoundPlan:
         changed[np.isin(self.selected, ids)] = status
         return dataclasses.replace(self, status=changed,
                                    events=Events.concat([self.events, Events.of(status, ids)]))
+
+
+@dataclass
+class Dispatch:
+    """One client's task in an asynchronous run: sent model `version` at `start_s`, back (or
+    its loss noticed) after `task_s`; trained lazily, so `delta` is filled when first needed."""
+
+    seq: int  # dispatch number (the event id)
+    client: int
+    version: int
+    start_s: float
+    task_s: float
+    steps: int
+    status: str  # completed, or the fault that loses the update
+    delta: torch.Tensor | None = None
+    loss: float = math.nan
+    samples: int = 0

@@ -16,44 +16,44 @@ import numpy as np
 import torch
 
 from engine.compute.training import LocalSGD, local_steps
-from engine.core.config import CompressionConfig, ExperimentConfig
+from engine.core.config import ExperimentConfig
 from engine.core.events import OVER_SELECTED, STRAGGLER, Events
 from engine.core.plans import COMPLETED, RoundPlan
 from engine.core.seeds import SeedTree
-from policies.compression import build_compressor
-from policies.selection import over_selection, power_of_choice, uniform
-from scenarios.availability import Availability, build_availability
-from scenarios.devices import Devices, build_devices
+from policies.compression import Compressor
+from policies.selection import Selection
+from scenarios.availability import Availability
+from scenarios.devices import Devices
 from scenarios.failures import Liveness, round_faults
 from scenarios.population import clients_per_round
 
 
-def upload_bytes(compression: CompressionConfig, model_bytes: int) -> int:
+def upload_bytes(compressor: Compressor, model_bytes: int) -> int:
     """Wire bytes of one client's update: the compressor's size for this model (a function
     of the parameter count for every kind), or the model's bytes uncompressed."""
-    if compression.kind == "none":
+    if compressor.lossless:
         return model_bytes
-    compressor = build_compressor(compression.kind, **compression.params)
     zeros = torch.zeros(1, model_bytes // 4)
     return int(compressor.compress(zeros, np.zeros(1, np.uint64)).bytes[0])
 
 
 class SyncWorld:
-    """Plans each synchronous round from the config's world models (one slot per round)."""
+    """Plans each synchronous round from the world's models (one slot per round): who is
+    online (availability and liveness), whom the selection policy picks, their devices."""
 
     def __init__(self, cfg: ExperimentConfig, client_sizes: np.ndarray, hp: LocalSGD,
-                 model_bytes: int, seeds: SeedTree) -> None:
+                 model_bytes: int, seeds: SeedTree, availability: Availability,
+                 selection: Selection, devices: Devices, liveness: Liveness,
+                 compressor: Compressor) -> None:
         n = self.num_clients = cfg.population.num_clients
         self.cfg, self.sizes, self.hp, self.seeds = cfg, client_sizes, hp, seeds
         self.k = clients_per_round(cfg.population)
-        self.availability: Availability = build_availability(cfg.population.availability, n,
-                                                             seeds)
-        self.devices: Devices = build_devices(cfg.devices, n, seeds)
-        self.liveness = Liveness(cfg.failures, n, seeds)
+        self.availability, self.selection = availability, selection
+        self.devices, self.liveness = devices, liveness
         controls = model_bytes if cfg.training.scaffold else 0  # SCAFFOLD's travel along
         self.transfer = model_bytes + controls  # down: the model
-        self.upload = upload_bytes(cfg.training.compression, model_bytes) + controls
-        self.anarchic = cfg.population.availability.kind == "anarchic"
+        self.upload = upload_bytes(compressor, model_bytes) + controls
+        self.anarchic = availability.chooses_steps
         self.losses = np.full(n, np.inf)  # last reported training loss (power-of-choice)
         self.clock = 0.0
 
@@ -78,12 +78,7 @@ class SyncWorld:
         self.losses[ids] = losses
 
     def _select(self, online: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        s = self.cfg.selection
-        if s.kind == "over_selection":
-            return over_selection(online, self.k, s.factor, rng)
-        if s.kind == "power_of_choice":
-            return power_of_choice(online, self.k, s.candidates or 2 * self.k, self.losses, rng)
-        return uniform(online, self.k, rng)
+        return self.selection.choose(online, self.k, self.losses, rng)
 
     def steps(self, ids: np.ndarray, r: int) -> np.ndarray:
         """Local steps of `ids` in round (or dispatch) r: the config's epochs cut to the step
@@ -103,7 +98,7 @@ class SyncWorld:
         rank = np.empty(selected.size, np.int64)
         rank[np.argsort(arrivals, kind="stable")] = np.arange(selected.size)
         reports, deadline = int(faults.reports.sum()), self.cfg.selection.deadline_s
-        enough = self.cfg.selection.kind == "over_selection" and reports >= self.k
+        enough = self.selection.closes_at_k and reports >= self.k
         if reports:
             close = float(arrivals[rank == (self.k if enough else reports) - 1][0])
         else:

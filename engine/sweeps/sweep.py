@@ -13,7 +13,7 @@
 Every axis is a dotted config key (or a name for one). A run's id is a hash of its resolved
 config and its swept values, so the same sweep file always names the same runs: a rerun skips
 the finished ones. The swept values become typed columns of every table the run logs. Pure:
-no Ray, no torch.
+no Ray; configs are resolved (engine/resolve.py) to check every run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from engine.core.config import (
 )
 from engine.core.errors import ConfigError
 from engine.records.logs import SCHEMAS, read_table
+from engine.resolve import CATALOG, described, resolve
 
 
 class _Strict(BaseModel):
@@ -98,9 +99,9 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     base = read_yaml((path.parent / spec.base).resolve())
     experiment = spec.experiment or path.stem
     for key, value in spec.set.items():
-        apply_override(base, key.split("."), value)
+        apply_override(base, key.split("."), value, CATALOG)
     for text in overrides:
-        apply_override(base, *parse_override(text))
+        apply_override(base, *parse_override(text), CATALOG)
     base["experiment"] = experiment
     columns = _columns(spec)
     points = _points(spec, base)
@@ -188,13 +189,14 @@ def _run(base: dict[str, Any], columns: dict[str, str], types: dict[str, pa.Data
          point: dict[str, Any]) -> RunSpec:
     raw = copy.deepcopy(base)
     for column, value in point.items():
-        apply_override(raw, columns[column].split("."), value)
+        apply_override(raw, columns[column].split("."), value, CATALOG)
     label = " ".join(f"{k}={v}" for k, v in point.items())
     try:
         cfg = build_config(raw)
+        resolve(cfg)
     except ConfigError as err:
         raise ConfigError(f"sweep run [{label}]: {err}") from None
-    blob = json.dumps([cfg.to_dict(), point], sort_keys=True, default=str).encode()
+    blob = json.dumps([described(cfg), point], sort_keys=True, default=str).encode()
     run_id = hashlib.sha256(blob).hexdigest()[:16]
     constants = {c: pa.scalar(_cast(point[c], types[c]), types[c]) for c in point}
     return RunSpec(run_id, cfg, point, constants)

@@ -1,0 +1,207 @@
+"""Names become objects once: every plugin a config names, resolved through its registry.
+
+`resolve(cfg)` checks every plugin section's kind and parameters (one-line ConfigErrors that
+name the key) and returns the objects the run is built from; past it no code looks at a
+kind's name. `described(cfg)` is the config as the logs record it: each plugin with its
+parameters and the factory's defaults. `CATALOG` tells the config loader which names are
+kinds, so an override that switches a kind keeps the old kind's parameters under its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.compute.training import EXECUTORS
+from engine.core.config import ExperimentConfig, PluginSection, load_config
+from engine.core.errors import ConfigError
+from engine.core.plugins import PluginSpec, Registry
+from engine.core.seeds import SeedTree
+from engine.loops.world import SyncWorld
+from policies.asynchronous import SERVER_RULES, ServerRule
+from policies.compression import COMPRESSORS, Compressor
+from policies.consensus import Consensus
+from policies.registry import (
+    AGGREGATION,
+    CONSENSUS,
+    build_consensus,
+    consensus_spec,
+    stage_specs,
+)
+from policies.selection import SELECTION, Selection
+from policies.staleness import STALENESS
+from scenarios.adversaries import ATTACKS, Attack
+from scenarios.availability import AVAILABILITY, Availability
+from scenarios.datasets import DATASETS
+from scenarios.devices import build_devices
+from scenarios.distributions import DISTRIBUTIONS, Distribution
+from scenarios.failures import Liveness
+from scenarios.mixing import MIXING, Mixing, column_stochastic
+from scenarios.models import MODELS
+from scenarios.network import Network
+from scenarios.partition import PARTITIONS
+from scenarios.task import FederatedTask
+from scenarios.task import build_task as scenario_task
+from scenarios.topology import TOPOLOGIES
+
+# config section -> the registry of its kind
+SECTIONS: dict[str, Registry] = {
+    "task": DATASETS, "task.model": MODELS, "partition": PARTITIONS,
+    "population.availability": AVAILABILITY, "training.compression": COMPRESSORS,
+    "selection": SELECTION, "server": SERVER_RULES, "attack": ATTACKS,
+    "topology": TOPOLOGIES,
+}
+def _kinds(registry: Registry) -> dict[str, list[str]]:
+    return {name: list(registry.parameters(registry[name])) for name in registry.names()}
+
+
+# every config path that names a plugin -> {kind: its parameters' names}
+CATALOG: dict[str, dict[str, list[str]]] = {
+    **{path: _kinds(registry) for path, registry in SECTIONS.items()},
+    "server.staleness": _kinds(STALENESS),
+}
+DEVICE_QUANTITIES = ("step_s", "up_bps", "down_bps", "latency_s")
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """The objects a run is built from (kinds resolved, parameters checked)."""
+
+    dataset: Callable  # (num_clients, rng) -> Samples
+    model: Callable  # an architecture: (input_shape, classes, linear, conv) -> layers
+    partition: Callable  # (labels, num_clients, rng, natural_owner) -> owner
+    executor: Callable  # (model, spec) -> executor
+    compressor: Compressor
+    selection: Selection
+    availability: Availability
+    devices: dict[str, Distribution]
+    downtime: Distribution | None
+    server: ServerRule
+    attack: Attack
+    topology: Callable  # (num_nodes, rng) -> Graph
+    mixing: Mixing
+    aggregation: list[PluginSpec]  # built with the model's layer sizes: build_aggregator
+    consensus: Consensus
+
+
+def section_spec(cfg: ExperimentConfig, path: str) -> PluginSpec:
+    """The plugin a config section names, split into its kind's parameters and others'."""
+    section: PluginSection = _at(cfg, path)
+    return SECTIONS[path].section(section.chosen, section.items, path,
+                                  f"{path}.{section.KIND_KEY}")
+
+
+def _at(cfg: ExperimentConfig, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def resolve(cfg: ExperimentConfig) -> Plugins:
+    """Every plugin of `cfg` as an object; a bad kind or parameter is one ConfigError line."""
+    seeds, n = SeedTree(cfg.seed), cfg.population.num_clients
+    built = {path: SECTIONS[path].build(section_spec(cfg, path), num_clients=n, seeds=seeds)
+             for path in SECTIONS}
+    mixing = MIXING.build(MIXING.spec(cfg.gossip.mixing, "gossip.mixing"))
+    aggregation = stage_specs(cfg.aggregation)
+    for spec in aggregation:  # checked here; built once the model is known
+        AGGREGATION.validated(spec.kind, spec.params, spec.where)
+    consensus = consensus_spec(cfg.consensus)
+    attack = built["attack"]
+    mode_fits = attack.for_servers if cfg.mode == "federated" else attack.for_peers
+    if not mode_fits:
+        fitting = [k for k in ATTACKS.names() if _fits(k, cfg.mode)]
+        raise ConfigError(f"attack.kind={cfg.attack.kind} does not apply to {cfg.mode} runs; "
+                          f"allowed: {', '.join(fitting)}")
+    return Plugins(
+        dataset=built["task"], model=built["task.model"], partition=built["partition"],
+        executor=EXECUTORS.build(EXECUTORS.spec(cfg.training.executor, "training.executor")),
+        compressor=built["training.compression"], selection=built["selection"],
+        availability=built["population.availability"],
+        devices={q: DISTRIBUTIONS.build(DISTRIBUTIONS.spec(getattr(cfg.devices, q),
+                                                           f"devices.{q}"))
+                 for q in DEVICE_QUANTITIES},
+        downtime=None if cfg.failures.crash.downtime is None else DISTRIBUTIONS.build(
+            DISTRIBUTIONS.spec(cfg.failures.crash.downtime, "failures.crash.downtime")),
+        server=built["server"], attack=attack, topology=built["topology"], mixing=mixing,
+        aggregation=aggregation,
+        consensus=build_consensus(consensus, column_stochastic(mixing)),
+    )
+
+
+def _fits(kind: str, mode: str) -> bool:
+    attack = ATTACKS.build(PluginSpec(kind, {}, {}, "attack", "attack.kind"))
+    return attack.for_servers if mode == "federated" else attack.for_peers
+
+
+def described(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as the logs record it: every section, each plugin with its parameters and
+    the defaults its factory gives them (parameters kept for other kinds stay as written)."""
+    out = cfg.to_dict()
+    for path, registry in SECTIONS.items():
+        section = _at(cfg, path)
+        node = out
+        for part in path.split(".")[:-1]:
+            node = node[part]
+        name = path.split(".")[-1]
+        fixed = {k: v for k, v in node[name].items() if k in type(section).model_fields}
+        node[name] = {**fixed, **registry.describe(section_spec(cfg, path), section.KIND_KEY)}
+    out["aggregation"] = [{s.kind: _params(AGGREGATION, s)} for s in stage_specs(cfg.aggregation)]
+    consensus = consensus_spec(cfg.consensus)
+    out["consensus"] = [{consensus.kind: _params(CONSENSUS, consensus)}]
+    return out
+
+
+def _params(registry: Registry, spec: PluginSpec) -> dict[str, Any]:
+    described_ = registry.describe(spec)
+    described_.pop("kind")
+    return described_
+
+
+def config_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(described(cfg), sort_keys=False)
+
+
+def digest(cfg: ExperimentConfig) -> str:
+    """A stable hash of the resolved config (what defines the results, not the runtime)."""
+    return hashlib.sha256(json.dumps(described(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read, override, validate and resolve a scenario config (every error before any run
+    starts)."""
+    cfg = load_config(path, overrides, CATALOG)
+    resolve(cfg)
+    return cfg
+
+
+def build_task(cfg: ExperimentConfig, plugins: Plugins | None = None) -> FederatedTask:
+    """The run's task (data, partition, model) from the seed tree."""
+    plugins = plugins or resolve(cfg)
+    return scenario_task(plugins.dataset, plugins.partition, plugins.model,
+                         cfg.population.num_clients, SeedTree(cfg.seed), cfg.task.test_fraction,
+                         cfg.task.max_test_samples, cfg.task.model.supermask)
+
+
+def build_network(cfg: ExperimentConfig, plugins: Plugins | None = None) -> Network:
+    """The peers' network over rounds (topology, mixing, redraws, outages)."""
+    plugins, t = plugins or resolve(cfg), cfg.topology
+    return Network(plugins.topology, plugins.mixing, cfg.population.num_clients,
+                   SeedTree(cfg.seed), label=t.kind, redraw=t.dynamic == "redraw",
+                   allow_disconnected=t.allow_disconnected, outages=t.outages)
+
+
+def build_world(cfg: ExperimentConfig, client_sizes, hp, model_bytes: int,
+                plugins: Plugins | None = None) -> SyncWorld:
+    """The world of a federated run: availability, selection, devices, liveness."""
+    plugins, n, seeds = plugins or resolve(cfg), cfg.population.num_clients, SeedTree(cfg.seed)
+    return SyncWorld(cfg, client_sizes, hp, model_bytes, seeds, plugins.availability,
+                     plugins.selection, build_devices(plugins.devices, cfg.devices.path, n, seeds),
+                     Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor)
