@@ -26,8 +26,9 @@ from engine.core.params import init_params
 from engine.core.seeds import SeedTree
 from engine.loops.async_fl import AsyncSetup, async_rounds
 from engine.loops.async_gossip import Rates, async_gossip_units
-from engine.loops.decentralized import GossipResult, GossipSetup, decentralized_rounds
-from engine.loops.federated import Accountant, FederatedSetup, LoopResult, federated_rounds
+from engine.loops.decentralized import GossipSetup, decentralized_rounds
+from engine.loops.federated import Accountant, FederatedSetup, federated_rounds
+from engine.loops.skeleton import LoopResult
 from engine.loops.world import SyncWorld
 from engine.records.logs import RoundRows, RunLogger, RunRows, error_line, outcome_row
 from engine.records.progress import RoundProgress
@@ -59,7 +60,7 @@ from scenarios.task import FederatedTask
 class RunResult:
     run_id: str
     log_dir: Path
-    loop: LoopResult | GossipResult
+    loop: LoopResult
 
     @property
     def updates_per_s(self) -> float:

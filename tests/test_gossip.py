@@ -51,11 +51,12 @@ def peer_pools(num_pools: int, consensus: str = "gossip", mixing: str = "metropo
 
 def load(pools, x0: np.ndarray) -> None:
     b = pools.bounds
-    pools.get(pools.call("set_models", [(x0[b[p]:b[p + 1]],) for p in range(pools.num_pools)]))
+    pools.get(pools.map(PeerPool.set_models,
+                        [(x0[b[p]:b[p + 1]],) for p in range(pools.num_pools)]))
 
 
 def gathered(pools) -> np.ndarray:
-    return np.concatenate(pools.get(pools.call("all_models", [()] * pools.num_pools)))
+    return np.concatenate(pools.get(pools.map(PeerPool.all_models, [()] * pools.num_pools)))
 
 
 def random_models(p: int, seed: int = 0) -> np.ndarray:

@@ -313,5 +313,5 @@ def test_faulty_gossip_is_the_same_on_ray_with_two_pools(tmp_path, ray_cluster):
     inline = run_experiment(cfg, INLINE, tmp_path / "inline", False)
     crashed = read_table(on_ray.log_dir, "events")["kind"].to_pylist().count("crash")
     assert crashed >= 5
-    np.testing.assert_array_equal(on_ray.loop.mean_model, inline.loop.mean_model)
+    np.testing.assert_array_equal(on_ray.loop.params, inline.loop.params)
     assert on_ray.loop.consensus_distance == inline.loop.consensus_distance

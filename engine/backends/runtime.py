@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,7 +43,11 @@ class Pools(Protocol):
               pre_reduce: bool, control: torch.Tensor | None = None,
               budgets: np.ndarray | None = None) -> list[PoolResult]: ...
 
-    def call(self, method: str, args: list[tuple], num_returns: int = 1) -> list: ...
+    def map(self, method: Callable, args: list[tuple], num_returns: int = 1) -> list:
+        """Pool p runs method(pool, *args[p]) (`method`: a pool class's method, e.g.
+        PeerPool.gossip); handles of the results, one per pool (a list of them per pool if
+        num_returns > 1)."""
+        ...
 
     def get(self, handles: list) -> list: ...
 
@@ -80,9 +85,9 @@ class InlinePools:
         self._pools = [pool_class(spec, task.shard(a, b), *extra)
                        for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
 
-    def call(self, method, args, num_returns=1):
-        """pool p runs method(*args[p]); returns its result (a tuple if num_returns > 1)."""
-        return [getattr(pool, method)(*a) for pool, a in zip(self._pools, args, strict=True)]
+    def map(self, method, args, num_returns=1):
+        """pool p runs method(pool, *args[p]); its result (a tuple if num_returns > 1)."""
+        return [method(pool, *a) for pool, a in zip(self._pools, args, strict=True)]
 
     def get(self, handles):
         return list(handles)
@@ -131,12 +136,12 @@ class RayPools:
         array = vector.numpy()
         return array if array.nbytes <= INLINE_ARG_BYTES else self._ray.put(array)
 
-    def call(self, method, args, num_returns=1):
-        """Pool p runs method(*args[p]) as an actor call; returns object refs without waiting
-        (a list of refs per pool if num_returns > 1). Refs passed as arguments of a later call
-        are resolved by Ray: values over 1 MiB go pool to pool through the object store,
-        smaller ones travel inline via the driver."""
-        return [getattr(actor, method).options(num_returns=num_returns).remote(*a)
+    def map(self, method, args, num_returns=1):
+        """Pool p runs method(pool, *args[p]) as an actor call; returns object refs without
+        waiting (a list of refs per pool if num_returns > 1). Refs passed as arguments of a
+        later call are resolved by Ray: values over 1 MiB go pool to pool through the object
+        store, smaller ones travel inline via the driver."""
+        return [getattr(actor, method.__name__).options(num_returns=num_returns).remote(*a)
                 for actor, a in zip(self._actors, args, strict=True)]
 
     def get(self, handles):

@@ -1,4 +1,4 @@
-"""PeerPool: a ClientPool whose clients are gossip peers, each with its own model.
+"""PeerPool: a block of gossip peers, each with its own model.
 
 A pool holds its block of peers' models as one tensor [n_local, P] (numerators x, with the
 push-sum mass w [n_local]; a peer's model is x / w, and w = 1 unless the policy is push-sum).
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from engine.compute.evaluation import Evaluator
-from engine.compute.pool import ClientPool, PoolSpec
-from engine.core import tree
+from engine.compute.pool import PoolSpec, ShardTrainer
+from engine.compute.state import PeerModels, RowState
 from engine.core.neighbourhood import Forge, Neighbourhood
-from engine.core.params import ParamSpec, init_params
+from engine.core.params import init_params
 from engine.core.seeds import splitmix64
 from engine.core.tree import TreeSums
 from policies.consensus import Consensus
@@ -82,20 +82,26 @@ class PeerScores:
 Export = tuple[np.ndarray, np.ndarray, np.ndarray]  # (global ids, models [e, P], mass [e])
 
 
-class PeerPool(ClientPool):
+class PeerPool:
+    """A block of gossip peers: trains them from their own models, mixes them with their
+    neighbours' in gossip steps, and keeps their models (and momentum) as components."""
+
     def __init__(self, spec: PoolSpec, shard: Shard, peers: PeerSpec,
                  params: np.ndarray) -> None:
-        super().__init__(spec, shard)
-        self.peers = peers
+        self.trainer = ShardTrainer(spec, shard)
+        self.spec, self.peers, self.seeds = spec, peers, self.trainer.seeds
+        self.client_ids = shard.client_ids
         self.evaluator = Evaluator(spec.model, peers.x_test, peers.y_test)
-        self.numer = self._initial_models(torch.from_numpy(np.array(params, copy=True)))
-        self.mass = torch.ones(self.client_ids.size)
+        self.state = PeerModels(self._initial_models(torch.from_numpy(np.array(params,
+                                                                                copy=True))))
         self.honest = torch.from_numpy(~np.isin(self.client_ids, peers.byzantine))
-        self.layers = ParamSpec.of(spec.model.build()).spans()
+        self.layers = self.trainer.param_spec.spans()
         self._step_counts = np.zeros(self.client_ids.size, dtype=np.uint64)
         # local momentum buffers (training.momentum > 0), kept across rounds as in MoNNA
-        self.momentum = (torch.zeros_like(self.numer) if spec.hp.momentum > 0 else None)
+        self.momentum = (RowState(*self.state.numer.shape) if spec.hp.momentum > 0 else None)
         self._pending: np.ndarray | None = None
+        self.trainer.local_training(torch.from_numpy(np.array(params)), self.client_ids[:32],
+                                    0)  # warm-up, discarded
 
     def _initial_models(self, shared: torch.Tensor) -> torch.Tensor:
         if self.peers.init == "shared":
@@ -103,14 +109,13 @@ class PeerPool(ClientPool):
         return torch.stack([init_params(self.spec.model.build, int(self.seeds.integer("init", i)))
                             for i in self.client_ids])
 
+    def ready(self) -> int:
+        """Number of peers owned; a cheap call to wait for construction to finish."""
+        return int(self.client_ids.size)
+
     def models(self) -> torch.Tensor:
         """[n_local, P]: the peers' de-biased models x / w (a new tensor)."""
-        if self._unit_mass():
-            return self.numer.clone()
-        return self.numer / self.mass[:, None]
-
-    def _unit_mass(self) -> bool:
-        return bool((self.mass == 1).all())
+        return self.state.models()
 
     def train_peers(self, round_idx: int, exports: list[np.ndarray],
                     active: np.ndarray | None = None):
@@ -122,10 +127,10 @@ class PeerPool(ClientPool):
         if ids.size == 0:  # none of the block's peers trains (crashed, or not sampled)
             empty = PeerTrainStats(ids, np.zeros(0, np.float32), np.zeros(0, np.int64), 0.0)
             return (empty, *self._exports(exports))
-        local = torch.from_numpy(np.searchsorted(self.client_ids, ids))
-        out, _ = self.local_training(self.models()[local], ids, round_idx,
-                                     momentum=self._momentum_rows(local))
-        self.numer[local] += out.deltas
+        local = self.trainer.local(ids)
+        out, _ = self.trainer.local_training(self.models()[local], ids, round_idx,
+                                             momentum=self._momentum_rows(local))
+        self.state.step(local, out.deltas)
         self._keep_momentum(local, out)
         stats = PeerTrainStats(ids, out.losses.numpy(), out.steps.numpy(),
                                time.perf_counter() - start)
@@ -136,7 +141,7 @@ class PeerPool(ClientPool):
         step's stats, then one export per pool for the next step."""
         start = time.perf_counter()
         nb = self._neighbourhood(plan, list(imported))
-        self.numer, self.mass = self.peers.consensus.update(nb)
+        self.state.replace(*self.peers.consensus.update(nb))
         stats = self._stats(shift, time.perf_counter() - start)
         return (stats, *self._exports(plan.exports))
 
@@ -153,10 +158,7 @@ class PeerPool(ClientPool):
         if steps.size:
             self._one_step(steps)
         if pairs.size:
-            a, b = (torch.from_numpy(np.searchsorted(self.client_ids, pairs[:, c]))
-                    for c in (0, 1))
-            self.numer[a] = self.numer[b] = (self.numer[a] + self.numer[b]) / 2
-            self.mass[a] = self.mass[b] = (self.mass[a] + self.mass[b]) / 2
+            self.state.average_pairs(*(self.trainer.local(pairs[:, c]) for c in (0, 1)))
         self._pending = cross
         return (int(steps.size), *self._exports(exports))
 
@@ -172,9 +174,9 @@ class PeerPool(ClientPool):
         keys = splitmix64(self.seeds.client_keys("async_step", 0, ids) ^ counters)
         self._step_counts[local] += np.uint64(1)
         rows = torch.from_numpy(local)
-        out, _ = self.local_training(self.models()[rows], ids, 0, keys=keys, max_steps=1,
-                                     momentum=self._momentum_rows(rows))
-        self.numer[rows] += out.deltas
+        out, _ = self.trainer.local_training(self.models()[rows], ids, 0, keys=keys,
+                                             max_steps=1, momentum=self._momentum_rows(rows))
+        self.state.step(rows, out.deltas)
         self._keep_momentum(rows, out)
 
     def _momentum_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -182,7 +184,7 @@ class PeerPool(ClientPool):
 
     def _keep_momentum(self, rows: torch.Tensor, out) -> None:
         if self.momentum is not None:
-            self.momentum[rows] = out.momentum
+            self.momentum.put(rows, out.momentum)
 
     def _finish_cross(self, imported: tuple[Export, ...]) -> None:
         pending = self._pending
@@ -192,17 +194,13 @@ class PeerPool(ClientPool):
         models = torch.from_numpy(np.concatenate([e[1] for e in imported]))
         mass = torch.from_numpy(np.concatenate([e[2] for e in imported]))
         at = torch.from_numpy(_positions(ids, pending[:, 1]))
-        own = torch.from_numpy(np.searchsorted(self.client_ids, pending[:, 0]))
-        self.numer[own] = (self.numer[own] + models[at]) / 2
-        self.mass[own] = (self.mass[own] + mass[at]) / 2
+        self.state.average_with(self.trainer.local(pending[:, 0]), models[at], mass[at])
         self._pending = None
 
     def set_models(self, models: np.ndarray) -> None:
         """Every peer takes `models` ([P]: one model for all, e.g. a global merge; or
         [n_local, P]: one row each); push-sum masses reset to 1."""
-        models = torch.from_numpy(np.array(models, dtype=np.float32))
-        self.numer = models.expand_as(self.numer).clone()
-        self.mass = torch.ones_like(self.mass)
+        self.state.set_all(torch.from_numpy(np.array(models, dtype=np.float32)))
 
     def export(self, wanted: list[np.ndarray]):
         """No work: the rows each pool needs for a gossip step (as train_peers returns them)."""
@@ -212,8 +210,7 @@ class PeerPool(ClientPool):
         return self.models().numpy()
 
     def evaluate_peers(self, peer_ids: np.ndarray, mean_model: np.ndarray) -> PeerScores:
-        local = np.searchsorted(self.client_ids, peer_ids)
-        z = self.models()[torch.from_numpy(local)]
+        z = self.models()[self.trainer.local(peer_ids)]
         scores = np.array([self.evaluator(row) for row in z]).reshape(-1, 2)
         dist = torch.linalg.vector_norm(z.double() - torch.from_numpy(np.array(mean_model)),
                                         dim=1) ** 2
@@ -222,8 +219,8 @@ class PeerPool(ClientPool):
     def _exports(self, wanted: list[np.ndarray]) -> list[Export]:
         out = []
         for ids in wanted:
-            local = torch.from_numpy(np.searchsorted(self.client_ids, ids))
-            out.append((ids, self.numer[local].numpy(), self.mass[local].numpy()))
+            local = self.trainer.local(ids)
+            out.append((ids, self.state.numer[local].numpy(), self.state.mass[local].numpy()))
         return out
 
     def _neighbourhood(self, plan: MixPlan, imported: list[Export]) -> Neighbourhood:
@@ -232,7 +229,7 @@ class PeerPool(ClientPool):
         parts, received = [], iter(imported)
         for q, ids in enumerate(plan.imports):
             if q == plan.pool:
-                parts.append((self.client_ids, self.numer, self.mass))
+                parts.append((self.client_ids, self.state.numer, self.state.mass))
             elif ids.size:
                 ids, models, mass = next(received)
                 parts.append((ids, torch.from_numpy(np.array(models)),
@@ -255,9 +252,8 @@ class PeerPool(ClientPool):
             z -= torch.from_numpy(np.array(shift, dtype=np.float32))
         squared = torch.linalg.vector_norm(z, dim=1).double() ** 2
         ids = self.client_ids[self.honest.numpy()]
-        leaves = TreeSums.leaves(z, torch.from_numpy(ids))
-        lo, hi = int(self.client_ids[0]), int(self.client_ids[-1]) + 1
-        return MixStats(ids, squared.numpy(), tree.merge(leaves, lo, hi, overwrite=True), mix_s)
+        return MixStats(ids, squared.numpy(),
+                        self.trainer.partial_sums(z, torch.from_numpy(ids)), mix_s)
 
 
 def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.compute.state import RowState
 from engine.compute.training import (
     DiagonalFisher,
     LocalSGD,
@@ -102,7 +103,10 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x).all(dim=1)
 
 
-class ClientPool:
+class ShardTrainer:
+    """A shard of clients (their data as CSR rows) and the executor that trains any of them:
+    what a client pool and a peer pool share. Holds no per-client state across rounds."""
+
     def __init__(self, spec: PoolSpec, shard: Shard) -> None:
         pin_torch_arithmetic()
         self.spec = spec
@@ -111,105 +115,19 @@ class ClientPool:
         self.x = torch.from_numpy(np.array(shard.x, copy=True))
         self.y = torch.from_numpy(np.array(shard.y, copy=True))
         self.seeds = SeedTree(spec.seed)
-        model = spec.model.build()
-        self.executor = spec.executor(model, ParamSpec.of(model))
-        self.fisher = DiagonalFisher(model, ParamSpec.of(model)) if spec.fisher else None
+        self.model = spec.model.build()
+        self.param_spec = ParamSpec.of(self.model)
+        self.executor = spec.executor(self.model, self.param_spec)
         # each client's training labels per class, sent with its update (FedDisco's input)
         owner = np.repeat(np.arange(self.client_ids.size), np.diff(self.offsets))
         classes = spec.model.num_classes
         self.label_counts = torch.from_numpy(np.bincount(
             owner * classes + np.asarray(shard.y, dtype=np.int64),
             minlength=self.client_ids.size * classes).reshape(-1, classes))
-        # SCAFFOLD's client control variates c_i, one row per client of the shard
-        size = ParamSpec.of(model).size
-        self.controls = torch.zeros(self.client_ids.size, size) if spec.hp.scaffold else None
-        # update compression, with error feedback's residual e_i per client of the shard
-        self.compressor = None if spec.compressor.lossless else spec.compressor
-        self.residuals = torch.zeros(self.client_ids.size, size) if (
-            self.compressor is not None and spec.error_feedback) else None
-        self._warm_up(model)
-        for state in (self.controls, self.residuals):
-            if state is not None:
-                state.zero_()  # the warm-up round is not part of the run
 
-    def _warm_up(self, model) -> None:
-        """Train a few clients once and discard the result (pools keep no client state yet),
-        so the first timed round does not pay one-off costs (lazy imports, allocator growth)."""
-        self.train(flatten_module(model), self.client_ids[:32], round_idx=0)
-
-    def ready(self) -> int:
-        """Number of clients owned; a cheap call to wait for construction to finish."""
-        return int(self.client_ids.size)
-
-    def train(self, params: torch.Tensor | np.ndarray, client_ids: np.ndarray, round_idx: int,
-              pre_reduce: bool = False, control: np.ndarray | None = None,
-              budgets: np.ndarray | None = None) -> PoolResult:
-        """One round of local training for `client_ids` (a subset of this shard). With
-        `pre_reduce`, return partial tree sums of weights * deltas instead of the deltas.
-        With SCAFFOLD, `control` is the server's control variate c (zeros if None); `budgets`
-        are the clients' own step counts (anarchic participation)."""
-        start = time.perf_counter()
-        params = torch.as_tensor(np.array(params, copy=True))  # private, writable [P]
-        local = torch.from_numpy(np.searchsorted(self.client_ids, client_ids))
-        c = None if self.controls is None else (
-            torch.zeros_like(params) if control is None else torch.as_tensor(np.array(control)))
-        correction = None if c is None else c[None, :] - self.controls[local]
-        out, counts = self.local_training(params, client_ids, round_idx, correction=correction,
-                                          budgets=budgets)
-        finite = finite_rows(out.deltas)
-        fisher = None if self.fisher is None else self.fisher(
-            params + out.deltas, self.x, self.offsets[local.numpy()], counts)
-        control_sums = None if c is None else self._update_controls(local, c, out, client_ids,
-                                                                    finite)
-        deltas = self._compress(local, out.deltas, client_ids, round_idx, finite)
-        finite &= finite_rows(deltas)
-        updates = Updates(
-            deltas=deltas,
-            weights=torch.from_numpy(counts.astype(np.float32)),
-            client_ids=torch.from_numpy(np.array(client_ids, dtype=np.int64)),
-            losses=out.losses.float(),
-            num_samples=torch.from_numpy(counts.astype(np.int64)),
-            steps=out.steps.to(torch.int64),
-            label_counts=self.label_counts[local],
-            fisher=fisher,
-        )
-        nonfinite = np.asarray(client_ids, dtype=np.int64)[~finite.numpy()]
-        if nonfinite.size:  # excluded from aggregation; the loop logs them
-            updates = updates.take(torch.nonzero(finite).squeeze(1))
-        norms = torch.linalg.vector_norm(updates.deltas, dim=1)
-        if pre_reduce:
-            updates = updates._replace(deltas=None, weighted_sums=self._partial_sums(updates))
-        return PoolResult(updates, norms, time.perf_counter() - start, control_sums, nonfinite)
-
-    def _compress(self, local: torch.Tensor, deltas: torch.Tensor, client_ids: np.ndarray,
-                  round_idx: int, finite: torch.Tensor) -> torch.Tensor:
-        """What each client uploads: its delta compressed, with error feedback when configured
-        (c = C(delta + e_i), e_i <- delta + e_i - c); keyed per (round, client). A client whose
-        delta is not finite keeps its residual (its update is dropped)."""
-        if self.compressor is None:
-            return deltas
-        keys = self.seeds.client_keys("compress", round_idx, client_ids)
-        if self.residuals is None:
-            return self.compressor.compress(deltas, keys).values
-        sent, residual, _ = with_error_feedback(self.compressor, deltas, self.residuals[local],
-                                                keys)
-        kept = finite & finite_rows(residual)
-        self.residuals[local[kept]] = residual[kept]
-        return sent
-
-    def _update_controls(self, local: torch.Tensor, c: torch.Tensor, out: Trained,
-                         client_ids: np.ndarray, finite: torch.Tensor) -> TreeSums:
-        """SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K_i lr), kept in the pool; returns
-        this shard's part of the id-tree sum of c_i+ - c_i (clients without a step, or with a
-        non-finite delta: 0)."""
-        steps = out.steps.to(out.deltas.dtype)[:, None]
-        moved = torch.where((steps > 0) & finite[:, None],
-                            -c[None, :] - out.deltas / (steps.clamp(min=1) * self.spec.hp.lr),
-                            0.0)
-        self.controls[local] += moved
-        leaves = TreeSums.leaves(moved, torch.from_numpy(np.array(client_ids, dtype=np.int64)))
-        lo, hi = int(self.client_ids[0]), int(self.client_ids[-1]) + 1
-        return tree.merge(leaves, lo, hi, overwrite=True)
+    def local(self, client_ids: np.ndarray) -> torch.Tensor:
+        """Rows of the shard's clients `client_ids` (a subset of it)."""
+        return torch.from_numpy(np.searchsorted(self.client_ids, client_ids))
 
     def local_training(self, params: torch.Tensor, client_ids: np.ndarray, round_idx: int,
                        keys: np.ndarray | None = None, max_steps: int | None = None,
@@ -240,11 +158,113 @@ class ClientPool:
         return Trained(*(None if parts[0] is None else torch.cat(parts) for parts in zip(
             *((b.deltas, b.losses, b.steps, b.momentum) for b in blocks), strict=True))), counts
 
-    def _partial_sums(self, updates: Updates) -> TreeSums:
-        """This shard's part of the fixed id tree (every node whose ids it holds entirely).
-        Scales the fresh deltas buffer in place: it is not used afterwards."""
-        weighted = updates.deltas.mul_(updates.weights[:, None])
-        leaves = TreeSums.leaves(weighted, updates.client_ids)
+    def partial_sums(self, values: torch.Tensor, client_ids: torch.Tensor) -> TreeSums:
+        """This shard's part of the fixed id tree of `values` (every node whose ids it holds
+        entirely); merges in place into `values`."""
+        leaves = TreeSums.leaves(values, client_ids)
         lo, hi = int(self.client_ids[0]), int(self.client_ids[-1]) + 1
         return tree.merge(leaves, lo, hi, overwrite=True)
 
+
+class ClientPool:
+    """A server's clients: trains the selected ones of its shard each round, keeping each
+    client's SCAFFOLD control variate and compression residual as components."""
+
+    def __init__(self, spec: PoolSpec, shard: Shard) -> None:
+        self.trainer = t = ShardTrainer(spec, shard)
+        self.spec, self.client_ids, self.seeds = spec, shard.client_ids, t.seeds
+        self.fisher = DiagonalFisher(t.model, t.param_spec) if spec.fisher else None
+        n, size = self.client_ids.size, t.param_spec.size
+        # SCAFFOLD's client control variates c_i, one row per client of the shard
+        self.controls = RowState(n, size) if spec.hp.scaffold else None
+        # update compression, with error feedback's residual e_i per client of the shard
+        self.compressor = None if spec.compressor.lossless else spec.compressor
+        self.residuals = RowState(n, size) if (
+            self.compressor is not None and spec.error_feedback) else None
+        self._warm_up()
+        for state in (self.controls, self.residuals):
+            if state is not None:
+                state.zero_()  # the warm-up round is not part of the run
+
+    def _warm_up(self) -> None:
+        """Train a few clients once and discard the result (pools keep no client state yet),
+        so the first timed round does not pay one-off costs (lazy imports, allocator growth)."""
+        self.train(flatten_module(self.trainer.model), self.client_ids[:32], round_idx=0)
+
+    def ready(self) -> int:
+        """Number of clients owned; a cheap call to wait for construction to finish."""
+        return int(self.client_ids.size)
+
+    def local_training(self, *args, **kwargs) -> tuple[Trained, np.ndarray]:
+        """The shard's local SGD (ShardTrainer.local_training)."""
+        return self.trainer.local_training(*args, **kwargs)
+
+    def train(self, params: torch.Tensor | np.ndarray, client_ids: np.ndarray, round_idx: int,
+              pre_reduce: bool = False, control: np.ndarray | None = None,
+              budgets: np.ndarray | None = None) -> PoolResult:
+        """One round of local training for `client_ids` (a subset of this shard). With
+        `pre_reduce`, return partial tree sums of weights * deltas instead of the deltas.
+        With SCAFFOLD, `control` is the server's control variate c (zeros if None); `budgets`
+        are the clients' own step counts (anarchic participation)."""
+        start = time.perf_counter()
+        t = self.trainer
+        params = torch.as_tensor(np.array(params, copy=True))  # private, writable [P]
+        local = t.local(client_ids)
+        c = None if self.controls is None else (
+            torch.zeros_like(params) if control is None else torch.as_tensor(np.array(control)))
+        correction = None if c is None else c[None, :] - self.controls[local]
+        out, counts = t.local_training(params, client_ids, round_idx, correction=correction,
+                                       budgets=budgets)
+        finite = finite_rows(out.deltas)
+        fisher = None if self.fisher is None else self.fisher(
+            params + out.deltas, t.x, t.offsets[local.numpy()], counts)
+        control_sums = None if c is None else self._update_controls(local, c, out, client_ids,
+                                                                    finite)
+        deltas = self._compress(local, out.deltas, client_ids, round_idx, finite)
+        finite &= finite_rows(deltas)
+        updates = Updates(
+            deltas=deltas,
+            weights=torch.from_numpy(counts.astype(np.float32)),
+            client_ids=torch.from_numpy(np.array(client_ids, dtype=np.int64)),
+            losses=out.losses.float(),
+            num_samples=torch.from_numpy(counts.astype(np.int64)),
+            steps=out.steps.to(torch.int64),
+            label_counts=t.label_counts[local],
+            fisher=fisher,
+        )
+        nonfinite = np.asarray(client_ids, dtype=np.int64)[~finite.numpy()]
+        if nonfinite.size:  # excluded from aggregation; the loop logs them
+            updates = updates.take(torch.nonzero(finite).squeeze(1))
+        norms = torch.linalg.vector_norm(updates.deltas, dim=1)
+        if pre_reduce:
+            updates = updates._replace(deltas=None, weighted_sums=t.partial_sums(
+                updates.deltas.mul_(updates.weights[:, None]), updates.client_ids))
+        return PoolResult(updates, norms, time.perf_counter() - start, control_sums, nonfinite)
+
+    def _compress(self, local: torch.Tensor, deltas: torch.Tensor, client_ids: np.ndarray,
+                  round_idx: int, finite: torch.Tensor) -> torch.Tensor:
+        """What each client uploads: its delta compressed, with error feedback when configured
+        (c = C(delta + e_i), e_i <- delta + e_i - c); keyed per (round, client). A client whose
+        delta is not finite keeps its residual (its update is dropped)."""
+        if self.compressor is None:
+            return deltas
+        keys = self.seeds.client_keys("compress", round_idx, client_ids)
+        if self.residuals is None:
+            return self.compressor.compress(deltas, keys).values
+        sent, residual, _ = with_error_feedback(self.compressor, deltas, self.residuals[local],
+                                                keys)
+        self.residuals.put(local, residual, keep=finite & finite_rows(residual))
+        return sent
+
+    def _update_controls(self, local: torch.Tensor, c: torch.Tensor, out: Trained,
+                         client_ids: np.ndarray, finite: torch.Tensor) -> TreeSums:
+        """SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K_i lr), kept in the pool; returns
+        this shard's part of the id-tree sum of c_i+ - c_i (clients without a step, or with a
+        non-finite delta: 0)."""
+        steps = out.steps.to(out.deltas.dtype)[:, None]
+        moved = torch.where((steps > 0) & finite[:, None],
+                            -c[None, :] - out.deltas / (steps.clamp(min=1) * self.spec.hp.lr),
+                            0.0)
+        self.controls.add(local, moved)
+        ids = torch.from_numpy(np.array(client_ids, dtype=np.int64))
+        return self.trainer.partial_sums(moved, ids)

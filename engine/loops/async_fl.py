@@ -32,7 +32,8 @@ from engine.core.events import NONFINITE, Events
 from engine.core.plans import COMPLETED, Dispatch
 from engine.core.seeds import SeedTree
 from engine.core.updates import Updates
-from engine.loops.federated import LoopResult, check_finite
+from engine.loops.federated import check_finite
+from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import SyncWorld
 from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
 from engine.records.progress import RoundProgress
@@ -251,31 +252,58 @@ def check_assigned_steps(setup: AsyncSetup) -> None:
             "server.max_local_steps")
 
 
+class AsyncServer:
+    """The round loop of an asynchronous server: a "round" is one model version."""
+
+    consensus_distance = None
+
+    def __init__(self, setup: AsyncSetup, pools: Pools, params: torch.Tensor,
+                 evaluator: Evaluator, logger: RunLogger) -> None:
+        if setup.rule.assigns_steps:
+            check_assigned_steps(setup)
+        self.run, self.evaluator, self.setup = AsyncRun(setup, pools, params, logger), evaluator, \
+            setup
+        self.run.advance(0.0)
+        self.run.fill(0.0)
+        if setup.rule.interval_s is not None:
+            self.run.push(setup.rule.interval_s, TICK, PERIODIC)
+        self.t = 0.0
+
+    def step(self, r: int, last: bool) -> Round | None:
+        """Events until the next version exists; None if the queue empties or every client is
+        gone (the run ends with the versions it made)."""
+        run, start = self.run, time.perf_counter()
+        while run.queue and not _stalled(run):
+            self.t, kind, ident = heapq.heappop(run.queue)
+            run.advance(self.t)
+            made = _EVENTS[kind](run, self.t, ident)
+            run.fill(self.t)
+            if made:
+                run.version_slot = run.slot
+                used = [d for d, status, *_ in run.rows if status == COMPLETED]
+                losses = np.array([d.loss for d in used])
+                return Round(len(used), float(losses.mean()) if losses.size else MISSING,
+                             time.perf_counter() - start, 0.0)
+        return None
+
+    def evaluate(self, r: int) -> Scores:
+        return Scores(*self.evaluator(self.run.params))
+
+    def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None:
+        _log_version(self.run, r, self.t, done, scores, timing)
+
+    def check(self, r: int) -> None:
+        check_finite(self.run.params, f"the global model is not finite after version {r}")
+
+    def model(self) -> torch.Tensor:
+        return self.run.params
+
+
 def async_rounds(setup: AsyncSetup, pools: Pools, params: torch.Tensor, evaluator: Evaluator,
                  logger: RunLogger, progress: RoundProgress) -> LoopResult:
     """Run events until `rounds` model versions exist; log one rounds row per version."""
-    if setup.rule.assigns_steps:
-        check_assigned_steps(setup)
-    run = AsyncRun(setup, pools, params, logger)
-    run.advance(0.0)
-    run.fill(0.0)
-    if setup.rule.interval_s is not None:
-        run.push(setup.rule.interval_s, TICK, PERIODIC)
-    accuracies, start = [], time.perf_counter()
-    t_last = start
-    while run.version < setup.rounds and run.queue and not _stalled(run):
-        t, kind, ident = heapq.heappop(run.queue)
-        run.advance(t)
-        if _EVENTS[kind](run, t, ident):
-            acc = _log_version(run, t, evaluator, (t_last, start), progress)
-            accuracies.append(acc)
-            check_finite(run.params, f"the global model is not finite after version "
-                                     f"{run.version - 1}")
-            t_last, run.version_slot = time.perf_counter(), run.slot
-        run.fill(t)
-    evaluated = [a for a in accuracies if a is not MISSING] or [math.nan]
-    return LoopResult(run.params, run.version, evaluated[-1], max(evaluated),
-                      time.perf_counter() - start, run.seq)
+    loop = AsyncServer(setup, pools, params, evaluator, logger)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
 
 
 STALL_SLOTS = 10_000
@@ -316,33 +344,22 @@ def _deadline(run: AsyncRun, t: float, ident: int) -> bool:
 _EVENTS = {ARRIVAL: _arrival, TICK: _tick, DEADLINE: _deadline}
 
 
-def _log_version(run: AsyncRun, t: float, evaluator: Evaluator, clocks,
-                 progress: RoundProgress) -> float | None:
-    """The rounds row of the version just made, and its arrivals' client rows."""
-    t_last, start = clocks
-    now = time.perf_counter()
-    v = run.version - 1
-    due = run.version == run.setup.rounds or (
-        run.setup.eval_every > 0 and run.version % run.setup.eval_every == 0)
-    loss, acc = evaluator(run.params) if due else (MISSING, MISSING)
+def _log_version(run: AsyncRun, v: int, t: float, done: Round, scores: Scores,
+                 timing: Timing) -> None:
+    """The rounds row of version v (made at virtual time t), and its arrivals' client rows."""
     rows, run.rows = run.rows, []
     run.logger.append(_client_rows(v, rows, run))
     dropped = [d.client for d, status, *_ in rows if status == NONFINITE]
     run.log_events(t, Events.of(NONFINITE, np.array(dropped, dtype=np.int64)))
-    losses = np.array([d.loss for d, status, *_ in rows if status == COMPLETED])
-    train_loss = float(losses.mean()) if losses.size else MISSING
-    used = len(rows) - len(dropped)
     run.logger.append(RoundRows(
-        round=[v], num_selected=[len(rows)], num_updates=[used],
-        num_byzantine=[sum(b for *_, b, _ in rows)], train_loss=[train_loss], test_loss=[loss],
-        test_accuracy=[acc], mean_update_norm=[MISSING], round_wall_s=[now - t_last],
-        train_wall_s=[MISSING], aggregate_wall_s=[MISSING], eval_wall_s=[MISSING],
-        wall_time_s=[now - start], client_updates_per_s=[len(rows) / max(now - t_last, 1e-9)],
-        virtual_time=[t],
+        round=[v], num_selected=[len(rows)], num_updates=[len(rows) - len(dropped)],
+        num_byzantine=[sum(b for *_, b, _ in rows)], train_loss=[done.train_loss],
+        test_loss=[scores.loss], test_accuracy=[scores.accuracy], mean_update_norm=[MISSING],
+        round_wall_s=[timing.round_s], train_wall_s=[MISSING], aggregate_wall_s=[MISSING],
+        eval_wall_s=[MISSING], wall_time_s=[timing.wall_s],
+        client_updates_per_s=[len(rows) / max(timing.round_s, 1e-9)], virtual_time=[t],
         bytes_communicated=[len(rows) * (run.setup.world.transfer + run.setup.world.upload)],
     ))
-    progress.update(acc, train_loss, len(rows) / max(now - t_last, 1e-9))
-    return acc
 
 
 def _client_rows(v: int, rows: list, run: AsyncRun) -> ClientRows:

@@ -16,19 +16,20 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine.backends.runtime import Pools, pool_of
 from engine.compute.evaluation import Evaluator
+from engine.compute.peers import PeerPool, PeerScores
 from engine.loops.decentralized import (
-    GossipResult,
     GossipSetup,
-    _due,
-    _evaluate,
+    PeerEvaluation,
     check_consensus,
     consensus_summary,
     peer_accuracy,
     peer_rows,
 )
+from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.records.logs import MISSING, RoundRows, RunLogger
 from engine.records.progress import RoundProgress
 from scenarios.clocks import (
@@ -75,9 +76,9 @@ def async_unit(pools: Pools, events: Events, shift: np.ndarray | None):
     for level in range(int(levels.max()) + 1 if levels.size else 0):
         args = _level_args(events, levels == level, pools.bounds)
         calls = [(*a, *_received(carried, sent, p)) for p, a in enumerate(args)]
-        carried = pools.call("async_level", calls, num_returns=1 + n)
+        carried = pools.map(PeerPool.async_level, calls, num_returns=1 + n)
         sent = [a[3] for a in args]
-    return pools.get(pools.call("async_flush", [(shift, *_received(carried, sent, p))
+    return pools.get(pools.map(PeerPool.async_flush, [(shift, *_received(carried, sent, p))
                                                 for p in range(n)]))
 
 
@@ -88,54 +89,69 @@ def _received(carried, sent, p: int) -> list:
     return [carried[q][1 + p] for q in range(len(carried)) if sent[q][p].size]
 
 
+class AsyncGossipUnits:
+    """Asynchronous gossip: a "round" is one unit of virtual time [r, r + 1) of Poisson
+    events (pairwise averages and local steps), then consensus sums and the final merge."""
+
+    def __init__(self, setup: GossipSetup, rates: Rates, pools: Pools, network: Network,
+                 evaluator: Evaluator, logger: RunLogger) -> None:
+        self.setup, self.rates, self.pools, self.network = setup, rates, pools, network
+        self.logger, self.scores = logger, PeerEvaluation(setup, pools, evaluator)
+        self.shift: np.ndarray | None = None
+        self.mean, self.consensus_distance, self.events = None, math.nan, None
+
+    def step(self, r: int, last: bool) -> Round:
+        t0, n = time.perf_counter(), int(self.pools.bounds[-1])
+        edges = undirected_edges(self.network.graph(r))
+        self.events = poisson_events(edges, n, self.rates.edge, self.rates.step, float(r),
+                                     float(r + 1), self.setup.seeds.rng("clock", r))
+        stats = async_unit(self.pools, self.events, self.shift)
+        self.mean, self.consensus_distance = consensus_summary(stats, self.shift)
+        if self.setup.final_merge and last:
+            self.pools.get(self.pools.map(PeerPool.set_models,
+                                          [(self.mean,)] * self.pools.num_pools))
+            self.consensus_distance = 0.0
+        return Round(int((self.events.kind == STEP).sum()), MISSING, time.perf_counter() - t0,
+                     MISSING)
+
+    def evaluate(self, r: int) -> Scores:
+        return self.scores(self.mean, r)
+
+    def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None:
+        _log_unit(self.logger, self.setup, r, self.events, self.scores.taken(), scores, done,
+                  self.consensus_distance, timing, self.pools.bounds)
+
+    def check(self, r: int) -> None:
+        check_consensus(self.mean, self.consensus_distance, r)
+        self.shift = self.mean.astype(np.float32)  # the next reference point (as pools use)
+
+    def model(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.mean, dtype=np.float32))
+
+
 def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, network: Network,
                        evaluator: Evaluator, logger: RunLogger,
-                       progress: RoundProgress) -> GossipResult:
-    n = int(pools.bounds[-1])
-    shift, accuracies, start, distance, steps_total = None, [], time.perf_counter(), math.nan, 0
-    for r in range(setup.rounds):
-        t0 = time.perf_counter()
-        edges = undirected_edges(network.graph(r))
-        events = poisson_events(edges, n, rates.edge, rates.step, float(r), float(r + 1),
-                                setup.seeds.rng("clock", r))
-        mean, distance = consensus_summary(async_unit(pools, events, shift), shift)
-        if setup.final_merge and r == setup.rounds - 1:
-            pools.get(pools.call("set_models", [(mean,)] * pools.num_pools))
-            distance = 0.0
-        t_eval = time.perf_counter()
-        scored = _evaluate(setup, pools, evaluator, mean, r) if _due(r, setup) else None
-        t1 = time.perf_counter()
-        num_steps = int((events.kind == STEP).sum())
-        steps_total += num_steps
-        acc = _log_unit(logger, setup, r, events, scored, distance, (t0, t_eval, t1, start),
-                        pools.bounds)
-        accuracies.append(acc)
-        progress.update(acc, MISSING, num_steps / max(t1 - t0, 1e-9))
-        check_consensus(mean, distance, r)
-        shift = mean.astype(np.float32)  # the next reference point (float32, as pools use)
-    evaluated = [a for a in accuracies if a is not MISSING]
-    return GossipResult(mean, setup.rounds, evaluated[-1], max(evaluated),
-                        time.perf_counter() - start, steps_total, distance)
+                       progress: RoundProgress) -> LoopResult:
+    loop = AsyncGossipUnits(setup, rates, pools, network, evaluator, logger)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
 
 
-def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events, scored,
-              distance: float, times, bounds: np.ndarray) -> float:
-    t0, t_eval, t1, start = times  # start, events processed and summed, evaluated
-    nan = MISSING
-    acc = None if scored is None else scored.peers.test_accuracy
-    if scored is not None:
-        logger.append(peer_rows(r, scored.peers, bounds, []))
-    steps = int((events.kind == STEP).sum())
+def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events,
+              peers: PeerScores | None, scores: Scores, done: Round, distance: float,
+              timing: Timing, bounds: np.ndarray) -> None:
+    if peers is not None:
+        logger.append(peer_rows(r, peers, bounds, []))
+    steps = done.updates
     messages = 2 * int((events.kind == GOSSIP).sum())  # a pairwise average: one each way
     logger.append(RoundRows(
         round=[r], num_selected=[steps], num_updates=[steps],
-        num_byzantine=[setup.byzantine.size], train_loss=[nan],
-        test_loss=[nan if scored is None else scored.mean_loss],
-        test_accuracy=[nan if scored is None else scored.mean_accuracy],
-        mean_update_norm=[nan], round_wall_s=[t1 - t0], train_wall_s=[t_eval - t0],
-        aggregate_wall_s=[nan], eval_wall_s=[t1 - t_eval], wall_time_s=[t1 - start],
-        client_updates_per_s=[steps / max(t1 - t0, 1e-9)], consensus_distance=[distance],
-        **peer_accuracy(acc), gossip_messages=[messages], virtual_time=[float(r + 1)],
+        num_byzantine=[setup.byzantine.size], train_loss=[MISSING],
+        test_loss=[scores.loss], test_accuracy=[scores.accuracy],
+        mean_update_norm=[MISSING], round_wall_s=[timing.round_s],
+        train_wall_s=[done.train_s], aggregate_wall_s=[MISSING], eval_wall_s=[timing.eval_s],
+        wall_time_s=[timing.wall_s], client_updates_per_s=[steps / max(timing.round_s, 1e-9)],
+        consensus_distance=[distance],
+        **peer_accuracy(None if peers is None else peers.test_accuracy),
+        gossip_messages=[messages], virtual_time=[float(r + 1)],
         bytes_communicated=[messages * setup.model_bytes],
     ))
-    return nan if scored is None else scored.mean_accuracy

@@ -18,13 +18,14 @@ from scipy import sparse
 
 from engine.backends.runtime import Pools, pool_of
 from engine.compute.evaluation import Evaluator
-from engine.compute.peers import MixPlan, MixStats, PeerScores, PeerTrainStats
+from engine.compute.peers import MixPlan, MixStats, PeerPool, PeerScores, PeerTrainStats
 from engine.core import tree
 from engine.core.config import FailuresConfig
 from engine.core.errors import Diverged
 from engine.core.events import Events
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
+from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.records.logs import MISSING, PeerRows, RoundRows, RunLogger, event_rows
 from engine.records.progress import RoundProgress
 from scenarios.failures import Liveness
@@ -44,17 +45,6 @@ class GossipSetup:
     model_bytes: int = 0  # bytes of one model message
     failures: FailuresConfig | None = None  # peer crashes, churn, link failures, lost messages
     liveness: Liveness | None = None  # who is up, round by round (with `failures`)
-
-
-@dataclass(frozen=True)
-class GossipResult:
-    mean_model: np.ndarray
-    rounds_done: int
-    final_accuracy: float  # of the averaged model
-    best_accuracy: float
-    wall_s: float
-    client_updates: int  # peer-updates: local trainings done
-    consensus_distance: float
 
 
 def pool_imports(w: sparse.csr_matrix, bounds: np.ndarray) -> list[list[np.ndarray]]:
@@ -90,7 +80,7 @@ def gossip_round(pools: Pools, w: sparse.csr_matrix, round_idx: int, steps: int,
     w, imports, n = _sorted(w), pool_imports(w, pools.bounds), pools.num_pools
     parts = [None] * n if active is None else np.split(
         active, np.searchsorted(active, pools.bounds[1:-1]))
-    carried = pools.call("train_peers",
+    carried = pools.map(PeerPool.train_peers,
                          [(round_idx, _exports(imports, q), parts[q]) for q in range(n)],
                          num_returns=1 + n)
     trained = pools.get([c[0] for c in carried])
@@ -101,7 +91,7 @@ def mix_only(pools: Pools, w: sparse.csr_matrix, steps: int,
              shift: np.ndarray | None = None) -> list[MixStats]:
     """`steps` gossip steps with W and no training (pure averaging)."""
     w, imports, n = _sorted(w), pool_imports(w, pools.bounds), pools.num_pools
-    carried = pools.call("export", [(_exports(imports, q),) for q in range(n)],
+    carried = pools.map(PeerPool.export, [(_exports(imports, q),) for q in range(n)],
                          num_returns=1 + n)
     return gossip_steps(pools, w, imports, carried, steps, shift)
 
@@ -115,7 +105,7 @@ def gossip_steps(pools: Pools, w: sparse.csr_matrix, imports, carried, steps: in
         for p in range(n):
             received = [carried[q][1 + p] for q in range(n) if imports[p][q].size]
             args.append((_plan(w, pools.bounds, p, imports, step == steps - 1), shift, *received))
-        carried = pools.call("gossip", args, num_returns=1 + n)
+        carried = pools.map(PeerPool.gossip, args, num_returns=1 + n)
     return pools.get([c[0] for c in carried])
 
 
@@ -137,36 +127,75 @@ def consensus_summary(stats: list[MixStats], shift: np.ndarray | None) -> tuple[
     return mean, max(distance, 0.0)
 
 
+class PeerEvaluation:
+    """Evaluates peers on the skeleton's schedule: the averaged model on the test set, and a
+    seeded sample of honest peers on a test sample (their scores kept for the peers table)."""
+
+    def __init__(self, setup: GossipSetup, pools: Pools, evaluator: Evaluator) -> None:
+        self.setup, self.pools, self.evaluator = setup, pools, evaluator
+        self.peers: PeerScores | None = None
+
+    def __call__(self, mean: np.ndarray, r: int) -> Scores:
+        scored = _evaluate(self.setup, self.pools, self.evaluator, mean, r)
+        self.peers = scored.peers
+        return Scores(scored.mean_loss, scored.mean_accuracy)
+
+    def taken(self) -> PeerScores | None:
+        """The last evaluation's peer scores, once (None when the round was not evaluated)."""
+        peers, self.peers = self.peers, None
+        return peers
+
+
+class GossipRounds:
+    """Synchronous D-SGD rounds: the round's W (graph, sampling or faults), training of the
+    active peers, `steps` gossip steps, consensus sums, and the final merge."""
+
+    def __init__(self, setup: GossipSetup, pools: Pools, network: Network,
+                 evaluator: Evaluator, logger: RunLogger) -> None:
+        self.setup, self.pools, self.network, self.logger = setup, pools, network, logger
+        self.scores = PeerEvaluation(setup, pools, evaluator)
+        self.shift: np.ndarray | None = None
+        self.mean, self.consensus_distance = None, math.nan
+        self.last: tuple = ()
+
+    def step(self, r: int, last: bool) -> Round:
+        t0 = time.perf_counter()
+        w, active = _round_mixing(self.setup, self.network, r, self.logger)
+        trained, mixed = gossip_round(self.pools, w, r, self.setup.steps, self.shift, active)
+        t1 = time.perf_counter()
+        self.mean, self.consensus_distance = consensus_summary(mixed, self.shift)
+        if self.setup.final_merge and last:
+            self.pools.get(self.pools.map(PeerPool.set_models,
+                                          [(self.mean,)] * self.pools.num_pools))
+            self.consensus_distance = 0.0
+        losses = _honest_losses(trained, self.setup.byzantine)
+        messages = (w.nnz - w.shape[0]) * self.setup.steps  # off-diagonal: one model each
+        self.last = (trained, losses, messages)
+        return Round(int(sum(t.peer_ids.size for t in trained)),
+                     float(losses.mean()) if losses.size else MISSING, t1 - t0,
+                     time.perf_counter() - t1)
+
+    def evaluate(self, r: int) -> Scores:
+        return self.scores(self.mean, r)
+
+    def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None:
+        trained, losses, messages = self.last
+        _log_round(self.logger, self.setup, r, trained, self.scores.taken(), scores, done,
+                   self.consensus_distance, messages, timing, self.pools.bounds)
+
+    def check(self, r: int) -> None:
+        check_consensus(self.mean, self.consensus_distance, r)
+        self.shift = self.mean.astype(np.float32)  # the next reference point (as pools use)
+
+    def model(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.mean, dtype=np.float32))
+
+
 def decentralized_rounds(setup: GossipSetup, pools: Pools, network: Network,
                          evaluator: Evaluator, logger: RunLogger,
-                         progress: RoundProgress) -> GossipResult:
-    shift, accuracies, start, distance = None, [], time.perf_counter(), math.nan
-    messages, updates = 0, 0
-    for r in range(setup.rounds):
-        t0 = time.perf_counter()
-        w, active = _round_mixing(setup, network, r, logger)
-        trained, mixed = gossip_round(pools, w, r, setup.steps, shift, active)
-        t1 = time.perf_counter()
-        mean, distance = consensus_summary(mixed, shift)
-        if setup.final_merge and r == setup.rounds - 1:
-            pools.get(pools.call("set_models", [(mean,)] * pools.num_pools))
-            distance = 0.0
-        t2 = time.perf_counter()
-        scored = _evaluate(setup, pools, evaluator, mean, r)
-        times = (t0, t1, t2, time.perf_counter(), start)
-        losses = _honest_losses(trained, setup.byzantine)
-        updates += sum(t.peer_ids.size for t in trained)
-        messages = (w.nnz - w.shape[0]) * setup.steps  # off-diagonal entries: one model each
-        acc = _log_round(logger, setup, r, trained, scored, losses, distance, messages, times,
-                         pools.bounds)
-        accuracies.append(acc)
-        progress.update(acc, float(losses.mean()) if losses.size else MISSING,
-                        len(losses) / max(times[3] - t0, 1e-9))
-        check_consensus(mean, distance, r)
-        shift = mean.astype(np.float32)  # the next reference point (float32, as pools use)
-    evaluated = [a for a in accuracies if a is not MISSING]
-    return GossipResult(mean, setup.rounds, evaluated[-1], max(evaluated),
-                        time.perf_counter() - start, updates, distance)
+                         progress: RoundProgress) -> LoopResult:
+    loop = GossipRounds(setup, pools, network, evaluator, logger)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
 
 
 def _round_mixing(setup: GossipSetup, network: Network, r: int, logger: RunLogger):
@@ -188,10 +217,6 @@ def _honest_losses(trained: list[PeerTrainStats], byzantine: np.ndarray) -> np.n
     return losses[~np.isin(ids, byzantine)]
 
 
-def _due(r: int, setup: GossipSetup) -> bool:
-    return r == setup.rounds - 1 or (setup.eval_every > 0 and (r + 1) % setup.eval_every == 0)
-
-
 @dataclass(frozen=True)
 class _Scored:
     mean_loss: float
@@ -203,12 +228,10 @@ def _evaluate(setup: GossipSetup, pools: Pools, evaluator: Evaluator, mean: np.n
               r: int) -> _Scored:
     """The averaged model on the test set, and a seeded sample of honest peers on a test
     sample (every honest peer when eval_peers is 0)."""
-    if not _due(r, setup):
-        return _Scored(MISSING, MISSING, None)
     loss, acc = evaluator(torch.from_numpy(mean.astype(np.float32)))
     sample = _peer_sample(setup, int(pools.bounds[-1]), r)
     parts = np.split(sample, np.searchsorted(sample, pools.bounds[1:-1]))
-    scores = pools.get(pools.call("evaluate_peers", [(ids, mean) for ids in parts]))
+    scores = pools.get(pools.map(PeerPool.evaluate_peers, [(ids, mean) for ids in parts]))
     joined = PeerScores(*(np.concatenate(c) for c in zip(*[
         (s.peer_ids, s.test_loss, s.test_accuracy, s.distance) for s in scores], strict=True)))
     return _Scored(loss, acc, joined)
@@ -222,27 +245,23 @@ def _peer_sample(setup: GossipSetup, n: int, r: int) -> np.ndarray:
     return np.sort(rng.choice(honest, setup.eval_peers, replace=False))
 
 
-def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained, scored: _Scored,
-               losses: np.ndarray, distance: float, messages: int, times,
-               bounds: np.ndarray) -> float:
-    t0, t1, t2, t3, start = times  # start, trained + gossiped, summed (and merged), evaluated
-    peers = scored.peers
+def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained,
+               peers: PeerScores | None, scores: Scores, done: Round, distance: float,
+               messages: int, timing: Timing, bounds: np.ndarray) -> None:
     if peers is not None:
         logger.append(peer_rows(r, peers, bounds, trained))
-    acc = peers.test_accuracy if peers is not None else None
     n = int(sum(t.peer_ids.size for t in trained))
     logger.append(RoundRows(
         round=[r], num_selected=[n], num_updates=[n],
-        num_byzantine=[setup.byzantine.size],
-        train_loss=[float(losses.mean()) if losses.size else MISSING],
-        test_loss=[scored.mean_loss], test_accuracy=[scored.mean_accuracy],
-        mean_update_norm=[MISSING], round_wall_s=[t3 - t0], train_wall_s=[t1 - t0],
-        aggregate_wall_s=[t2 - t1], eval_wall_s=[t3 - t2], wall_time_s=[t3 - start],
-        client_updates_per_s=[n / max(t3 - t0, 1e-9)],
-        consensus_distance=[distance], **peer_accuracy(acc),
+        num_byzantine=[setup.byzantine.size], train_loss=[done.train_loss],
+        test_loss=[scores.loss], test_accuracy=[scores.accuracy],
+        mean_update_norm=[MISSING], round_wall_s=[timing.round_s], train_wall_s=[done.train_s],
+        aggregate_wall_s=[done.aggregate_s], eval_wall_s=[timing.eval_s],
+        wall_time_s=[timing.wall_s], client_updates_per_s=[n / max(timing.round_s, 1e-9)],
+        consensus_distance=[distance],
+        **peer_accuracy(None if peers is None else peers.test_accuracy),
         gossip_messages=[messages], bytes_communicated=[messages * setup.model_bytes],
     ))
-    return scored.mean_accuracy
 
 
 def peer_accuracy(acc: np.ndarray | None) -> dict[str, list]:

@@ -1,4 +1,5 @@
-"""The synchronous federated round loop: select, train on pools, aggregate, evaluate, log."""
+"""Synchronous federated rounds: select, train on pools, aggregate (engine/loops/skeleton.py
+runs the rounds: evaluation, timers, records)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from engine.core.plans import COMPLETED, RoundPlan
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
+from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import SyncWorld
 from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
 from engine.records.progress import RoundProgress
@@ -38,54 +40,61 @@ class FederatedSetup:
     privacy: Accountant | None = None  # central DP: epsilon after r rounds
 
 
-@dataclass(frozen=True)
-class LoopResult:
-    params: torch.Tensor
-    rounds_done: int
-    final_accuracy: float
-    best_accuracy: float
-    wall_s: float
-    client_updates: int
+class FederatedRounds:
+    """Synchronous rounds (FedAvg and its variants): the world plans the round, the clients the
+    server will use train on the pools, their updates are aggregated in id order."""
+
+    consensus_distance = None
+
+    def __init__(self, setup: FederatedSetup, pools: Pools, aggregator: Aggregator,
+                 params: torch.Tensor, evaluator: Evaluator, logger: RunLogger) -> None:
+        self.setup, self.pools, self.aggregator = setup, pools, aggregator
+        self.params, self.evaluator, self.logger = params, evaluator, logger
+        self.state = aggregator.init(params)
+        self.control = torch.zeros_like(params) if setup.scaffold else None
+        self.last: tuple = ()  # round r's plan, results, updates, byzantine mask, for record
+
+    def step(self, r: int, last: bool) -> Round:
+        t0 = time.perf_counter()
+        plan = self.setup.world.plan(r)
+        results = _train(self.pools, self.params, plan, self.setup, self.control)
+        t1 = time.perf_counter()
+        updates, byzantine, dropped = _received(results, self.setup, r)
+        plan = plan.marked(dropped, NONFINITE)
+        if updates.num_clients:
+            with parallel.chunk_map(self.pools.chunk_map):
+                step, self.state = self.aggregator.update(updates, self.state)
+            self.params = self.params + step
+            self.setup.world.reported(updates.client_ids.numpy(), updates.losses.numpy())
+        if self.control is not None and results:
+            self.control = _scaffold_control(self.control, results, self.setup.world.num_clients)
+        self.last = (plan, results, updates, byzantine)
+        return Round(updates.num_clients, _weighted(updates.losses, updates.weights), t1 - t0,
+                     time.perf_counter() - t1)
+
+    def evaluate(self, r: int) -> Scores:
+        return Scores(*self.evaluator(self.params))
+
+    def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None:
+        plan, results, updates, byzantine = self.last
+        rows = _client_rows(plan, results, self.pools.bounds, updates, byzantine, self.setup)
+        self.logger.append(rows)
+        self.logger.append(event_rows(plan.round, plan.start_s, plan.events))
+        self.logger.append(_round_row(plan, updates, byzantine, rows, done, scores, timing,
+                                      self.setup))
+
+    def check(self, r: int) -> None:
+        check_finite(self.params, f"the global model is not finite after round {r}")
+
+    def model(self) -> torch.Tensor:
+        return self.params
 
 
 def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator,
                      params: torch.Tensor, evaluator: Evaluator, logger: RunLogger,
                      progress: RoundProgress) -> LoopResult:
-    """Synchronous rounds (FedAvg and its variants): the world plans the round, the clients the
-    server will use train on the pools, their updates are aggregated in id order."""
-    state = aggregator.init(params)
-    control = torch.zeros_like(params) if setup.scaffold else None
-    accuracies, total_updates, start = [], 0, time.perf_counter()
-    for r in range(setup.rounds):
-        t0 = time.perf_counter()
-        plan = setup.world.plan(r)
-        results = _train(pools, params, plan, setup, control)
-        t1 = time.perf_counter()
-        updates, byzantine, dropped = _received(results, setup, r)
-        plan = plan.marked(dropped, NONFINITE)
-        if updates.num_clients:
-            with parallel.chunk_map(pools.chunk_map):
-                step, state = aggregator.update(updates, state)
-            params = params + step
-            setup.world.reported(updates.client_ids.numpy(), updates.losses.numpy())
-        if control is not None and results:
-            control = _scaffold_control(control, results, setup.world.num_clients)
-        t2 = time.perf_counter()
-        loss, acc = evaluator(params) if _due(r, setup) else (MISSING, MISSING)
-        t3 = time.perf_counter()
-        rows = _client_rows(plan, results, pools.bounds, updates, byzantine, setup)
-        logger.append(rows)
-        logger.append(event_rows(plan.round, plan.start_s, plan.events))
-        train_loss = _weighted(updates.losses, updates.weights)
-        logger.append(_round_row(plan, updates, byzantine, rows, (loss, acc, train_loss),
-                                 (t0, t1, t2, t3, start), setup))
-        accuracies.append(acc)
-        total_updates += updates.num_clients
-        progress.update(acc, train_loss, updates.num_clients / max(t3 - t0, 1e-9))
-        check_finite(params, f"the global model is not finite after round {r}")
-    evaluated = [a for a in accuracies if a is not MISSING]
-    return LoopResult(params, setup.rounds, evaluated[-1], max(evaluated),
-                      time.perf_counter() - start, total_updates)
+    loop = FederatedRounds(setup, pools, aggregator, params, evaluator, logger)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
 
 
 class Accountant:
@@ -141,16 +150,17 @@ def _received(results: list[PoolResult], setup: FederatedSetup,
 
 
 def _round_row(plan: RoundPlan, updates: Updates, byzantine: np.ndarray, rows: ClientRows,
-               scores: tuple[float, float, float], times, setup: FederatedSetup) -> RoundRows:
-    (loss, acc, train_loss), (t0, t1, t2, t3, start) = scores, times
+               done: Round, scores: Scores, timing: Timing, setup: FederatedSetup) -> RoundRows:
     norms = rows.update_norm[rows.status == COMPLETED].astype(np.float64)
     return RoundRows(
         round=[plan.round], num_selected=[plan.selected.size], num_updates=[updates.num_clients],
-        num_byzantine=[int(byzantine.sum())], train_loss=[train_loss], test_loss=[loss],
-        test_accuracy=[acc], mean_update_norm=[float(norms.mean()) if norms.size else MISSING],
-        round_wall_s=[t3 - t0], train_wall_s=[t1 - t0], aggregate_wall_s=[t2 - t1],
-        eval_wall_s=[t3 - t2], wall_time_s=[t3 - start],
-        client_updates_per_s=[updates.num_clients / max(t3 - t0, 1e-9)],
+        num_byzantine=[int(byzantine.sum())], train_loss=[done.train_loss],
+        test_loss=[scores.loss], test_accuracy=[scores.accuracy],
+        mean_update_norm=[float(norms.mean()) if norms.size else MISSING],
+        round_wall_s=[timing.round_s], train_wall_s=[done.train_s],
+        aggregate_wall_s=[done.aggregate_s], eval_wall_s=[timing.eval_s],
+        wall_time_s=[timing.wall_s],
+        client_updates_per_s=[updates.num_clients / max(timing.round_s, 1e-9)],
         virtual_time=[plan.start_s + plan.duration_s], bytes_communicated=[plan.bytes],
         dp_epsilon=[MISSING if setup.privacy is None else setup.privacy(plan.round + 1)],
     )
@@ -171,11 +181,6 @@ def _attacked(updates: Updates, setup: FederatedSetup, r: int) -> tuple[Updates,
     gen = torch.Generator().manual_seed(setup.seeds.integer("attack", r))
     updates, mask = setup.adversary.corrupt(updates, gen)
     return updates, mask.numpy()
-
-
-def _due(r: int, setup: FederatedSetup) -> bool:
-    last = r == setup.rounds - 1
-    return last or (setup.eval_every > 0 and (r + 1) % setup.eval_every == 0)
 
 
 def _weighted(values: torch.Tensor, weights: torch.Tensor) -> float | None:

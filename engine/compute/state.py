@@ -1,0 +1,68 @@
+"""Per-client state a pool keeps across rounds, as components the pool holds: rows of a
+[n_local, P] tensor, one per client of its shard (SCAFFOLD's control variates, error
+feedback's residuals, peers' momentum buffers), and the peers' own models."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowState:
+    """One [P] row per client of a shard, zero until written."""
+
+    def __init__(self, num_clients: int, num_params: int) -> None:
+        self.rows = torch.zeros(num_clients, num_params)
+
+    def __getitem__(self, local: torch.Tensor) -> torch.Tensor:
+        return self.rows[local]
+
+    def put(self, local: torch.Tensor, values: torch.Tensor,
+            keep: torch.Tensor | None = None) -> None:
+        """rows[local] = values (only where `keep`, a bool mask over `local`, if given)."""
+        if keep is None:
+            self.rows[local] = values
+        else:
+            self.rows[local[keep]] = values[keep]
+
+    def add(self, local: torch.Tensor, values: torch.Tensor) -> None:
+        self.rows[local] += values
+
+    def zero_(self) -> None:
+        self.rows.zero_()
+
+
+class PeerModels:
+    """A block of peers' models: push-sum numerators x [n, P] and masses w [n]; a peer's model
+    is z = x / w (w = 1 unless the policy is push-sum)."""
+
+    def __init__(self, numer: torch.Tensor) -> None:
+        self.numer = numer
+        self.mass = torch.ones(numer.shape[0])
+
+    def models(self) -> torch.Tensor:
+        """[n, P]: the de-biased models x / w (a new tensor)."""
+        if bool((self.mass == 1).all()):
+            return self.numer.clone()
+        return self.numer / self.mass[:, None]
+
+    def step(self, local: torch.Tensor, deltas: torch.Tensor) -> None:
+        """x += delta at the rows `local` (SGP's update of the numerator)."""
+        self.numer[local] += deltas
+
+    def replace(self, numer: torch.Tensor, mass: torch.Tensor) -> None:
+        self.numer, self.mass = numer, mass
+
+    def average_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Rows a and b both take their mean (pairwise gossip), masses too."""
+        self.numer[a] = self.numer[b] = (self.numer[a] + self.numer[b]) / 2
+        self.mass[a] = self.mass[b] = (self.mass[a] + self.mass[b]) / 2
+
+    def average_with(self, own: torch.Tensor, models: torch.Tensor, mass: torch.Tensor) -> None:
+        """Rows `own` average with received rows (the other end of a cross-pool pair)."""
+        self.numer[own] = (self.numer[own] + models) / 2
+        self.mass[own] = (self.mass[own] + mass) / 2
+
+    def set_all(self, models: torch.Tensor) -> None:
+        """Every peer takes `models` ([P], or one row each); masses reset to 1."""
+        self.numer = models.expand_as(self.numer).clone()
+        self.mass = torch.ones_like(self.mass)

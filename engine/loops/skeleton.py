@@ -1,0 +1,120 @@
+"""The one skeleton every protocol's loop runs: rounds (or model versions, or units of
+virtual time), the evaluation schedule, timers, round records, the diverged check and the
+summary. A protocol supplies what one round does:
+
+    step(r, last)      run round r (the last one merges, where the protocol has a merge);
+                       returns a Round, or None when nothing more can happen (every client
+                       gone)
+    evaluate(r)        (test loss, test accuracy) of the protocol's model
+    record(r, round, scores, timing)
+                       append round r's rows to the logger
+    check(r)           raise Diverged if a model is no longer finite
+    model()            the final model (global, or the peers' mean)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from engine.records.logs import MISSING
+from engine.records.progress import RoundProgress
+
+
+@dataclass(frozen=True)
+class Schedule:
+    rounds: int
+    eval_every: int  # 0: the last round only
+
+    def due(self, r: int) -> bool:
+        """Evaluate after round r: every `eval_every` rounds, and always after the last."""
+        return r == self.rounds - 1 or (self.eval_every > 0 and (r + 1) % self.eval_every == 0)
+
+
+class Round(NamedTuple):
+    """What one round did, for the skeleton's records and progress bar."""
+
+    updates: int  # client (peer) updates it used
+    train_loss: float | None
+    train_s: float  # wall seconds training (with gossip, for peers)
+    aggregate_s: float  # wall seconds aggregating (consensus sums, merge)
+
+
+class Scores(NamedTuple):
+    loss: float | None
+    accuracy: float | None
+
+
+NOT_EVALUATED = Scores(MISSING, MISSING)
+
+
+class Timing(NamedTuple):
+    """perf_counter marks of a round: its start, after its step, after evaluation; and the
+    run's start."""
+
+    start: float
+    stepped: float
+    evaluated: float
+    run_start: float
+
+    @property
+    def round_s(self) -> float:
+        return self.evaluated - self.start
+
+    @property
+    def eval_s(self) -> float:
+        return self.evaluated - self.stepped
+
+    @property
+    def wall_s(self) -> float:
+        return self.evaluated - self.run_start
+
+
+class RoundLoop(Protocol):
+    def step(self, r: int, last: bool) -> Round | None: ...
+
+    def evaluate(self, r: int) -> Scores: ...
+
+    def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None: ...
+
+    def check(self, r: int) -> None: ...
+
+    def model(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    params: torch.Tensor  # the final model: the global one, or the peers' average
+    rounds_done: int
+    final_accuracy: float
+    best_accuracy: float
+    wall_s: float
+    client_updates: int  # client (peer) updates used
+    consensus_distance: float | None = None  # peers: mean ||z_i - z_bar||^2 at the end
+
+
+def run_rounds(loop: RoundLoop, schedule: Schedule, progress: RoundProgress) -> LoopResult:
+    """Round after round until the schedule's last (or the loop has nothing left to do)."""
+    accuracies, updates, start, done = [], 0, time.perf_counter(), 0
+    for r in range(schedule.rounds):
+        t0 = time.perf_counter()
+        step = loop.step(r, r == schedule.rounds - 1)
+        if step is None:
+            break
+        t1 = time.perf_counter()
+        scores = loop.evaluate(r) if schedule.due(r) else NOT_EVALUATED
+        timing = Timing(t0, t1, time.perf_counter(), start)
+        loop.record(r, step, scores, timing)
+        accuracies.append(scores.accuracy)
+        updates, done = updates + step.updates, done + 1
+        progress.update(scores.accuracy, step.train_loss, step.updates / max(timing.round_s,
+                                                                               1e-9))
+        loop.check(r)
+    evaluated = [a for a in accuracies if a is not MISSING] or [math.nan]
+    return LoopResult(loop.model(), done, evaluated[-1], max(evaluated),
+                      time.perf_counter() - start, updates,
+                      getattr(loop, "consensus_distance", None))
