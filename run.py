@@ -162,8 +162,12 @@ def _list_runs(sweep, log_dir: Path) -> int:
 
 def plugins_command(argv: list[str]) -> int:
     p = _Parser(prog="run.py plugins", description="List every pluggable kind's registered "
-                "plugins with their parameters and defaults.")
-    p.add_argument("kind", nargs="?", help="one kind only, e.g. topology")
+                "plugins with their parameters and defaults, then the compatibility matrix "
+                "of every protocol against every plugin and world model (checked by the "
+                "engine, about 20 s).")
+    p.add_argument("kind", nargs="?", help="one kind only, e.g. topology (no matrix)")
+    p.add_argument("--write-matrix", metavar="PATH", help="write the matrix as Markdown "
+                   "(docs/COMPATIBILITY.md) instead of printing it")
     args = p.parse_args(argv)
     from engine.contracts import CHECKERS
     from engine.core.plugins import describe_registry
@@ -172,10 +176,25 @@ def plugins_command(argv: list[str]) -> int:
     if args.kind and args.kind not in CHECKERS:
         raise ConfigError(f"plugins: unknown kind {args.kind!r}; allowed: "
                           f"{', '.join(CHECKERS)}")
-    for kind in kinds:
-        print(f"{kind}:")
-        for line in describe_registry(CHECKERS[kind][0]):
-            print(f"  {line}")
+    if not args.write_matrix:
+        for kind in kinds:
+            print(f"{kind}:")
+            for line in describe_registry(CHECKERS[kind][0]):
+                print(f"  {line}")
+    if args.kind:
+        return 0
+    from engine import compatibility
+
+    print("checking every protocol against every plugin ...", file=sys.stderr, flush=True)
+    m = compatibility.matrix()
+    if args.write_matrix:
+        Path(args.write_matrix).write_text(compatibility.render(m) + "\n")
+        allowed, refused, na = m.counts()
+        print(f"wrote {args.write_matrix}: {allowed} cells run, {refused} refused, "
+              f"{na} not applicable")
+    else:
+        print("\ncompatibility (docs/COMPATIBILITY.md):")
+        print(compatibility.render_text(m))
     return 0
 
 

@@ -24,17 +24,18 @@ from engine.core.config import ExperimentConfig
 from engine.core.errors import ConfigError, Diverged
 from engine.core.params import init_params
 from engine.core.seeds import SeedTree
-from engine.loops.async_fl import AsyncSetup, async_rounds
+from engine.loops.async_fl import AsyncSetup, async_rounds, check_assigned_steps
 from engine.loops.async_gossip import Rates, async_gossip_units
 from engine.loops.decentralized import GossipSetup, decentralized_rounds
 from engine.loops.federated import Accountant, FederatedSetup, federated_rounds
+from engine.loops.sampling import SampledWorld
 from engine.loops.skeleton import LoopResult
-from engine.loops.world import SyncWorld
+from engine.loops.world import PeerWorld, SyncWorld, upload_bytes
 from engine.records.logs import RoundRows, RunLogger, RunRows, error_line, outcome_row
 from engine.records.progress import RoundProgress
 from engine.resolve import (
     Plugins,
-    build_network,
+    build_peer_world,
     build_task,
     build_world,
     config_yaml,
@@ -49,10 +50,9 @@ from policies.registry import (
     synchronous_only,
 )
 from scenarios.adversaries import Adversary, build_adversary
-from scenarios.failures import Liveness, peer_faults_configured
+from scenarios.mixing import column_stochastic
 from scenarios.models import ModelSpec
-from scenarios.network import Network
-from scenarios.population import clients_per_round
+from scenarios.population import FEDERATED_FRACTION, clients_per_round
 from scenarios.task import FederatedTask
 
 
@@ -82,12 +82,12 @@ class _Parts:
     seeds: SeedTree
     adversary: Adversary | None
     task: FederatedTask
-    world: SyncWorld | Network
+    world: SyncWorld | PeerWorld
     params: torch.Tensor
     spec: PoolSpec
 
 
-def _build(cfg: ExperimentConfig) -> _Parts:
+def prepare(cfg: ExperimentConfig) -> _Parts:
     """Plugins, the world and the task: they fail on bad configs before Ray starts."""
     seeds = SeedTree(cfg.seed)
     plugins = resolve(cfg)
@@ -118,7 +118,7 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
     A sweep passes the run's stable id and its swept parameters (`constants`, extra columns of
     every table). Once its pools exist, however the run ends, its `outcomes` row says how."""
     pin_torch_arithmetic()  # the driver's arithmetic is the same whatever the backend
-    b = _build(cfg)
+    b = prepare(cfg)
     started = datetime.now(UTC)
     run_id = run_id or new_run_id(cfg, started)
     log_dir = Path(log_root) / cfg.experiment
@@ -163,18 +163,28 @@ class FederatedMode:
                                            model.supermask_layers(), seeds)
         self.fisher = pools_compute_fisher(plugins.aggregation)
         rule = plugins.server
+        batch = rule.batch if rule.asynchronous else clients_per_round(cfg.population,
+                                                                       FEDERATED_FRACTION)
+        if batch is not None and batch < self.aggregator.min_updates:
+            raise ConfigError(
+                f"aggregation with server.mode={cfg.server.mode}: the chain is defined on at "
+                f"least {self.aggregator.min_updates} updates (Krum: K > 2f + 2, Bulyan: "
+                f"K >= 4f + 3, NNM: K > 2f), and each server step has at most {batch}")
         if rule.asynchronous:
             reason = synchronous_only(plugins.aggregation)
             if reason:
                 raise ConfigError(f"aggregation with server.mode={cfg.server.mode}: {reason}")
-            if cfg.training.scaffold:
-                raise ConfigError(f"training.scaffold with server.mode={cfg.server.mode}: "
-                                  "SCAFFOLD runs in synchronous rounds only")
+            if plugins.selection.closes_at_k:
+                raise ConfigError(f"selection.kind={cfg.selection.kind} with server.mode="
+                                  f"{cfg.server.mode}: over-selection keeps the first K reports "
+                                  "of a round, and an asynchronous server has no round to close")
 
     def world(self, seeds: SeedTree, task: FederatedTask, hp: LocalSGD,
               params: torch.Tensor) -> SyncWorld:
-        return build_world(self.cfg, task.client_sizes, hp,
-                           params.numel() * params.element_size(), self.plugins)
+        world = build_world(self.cfg, task.client_sizes, hp,
+                            params.numel() * params.element_size(), self.plugins)
+        check_assigned_steps(self.plugins.server, world)
+        return world
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         return make_pools(task, spec, options)
@@ -187,7 +197,8 @@ class FederatedMode:
         if self.plugins.server.asynchronous:
             setup = AsyncSetup(cfg.rounds, cfg.eval_every, seeds, self.plugins.server,
                                self.aggregator, cfg.server.concurrency, world,
-                               cfg.population.availability.slot_s, adversary)
+                               cfg.population.availability.slot_s, adversary,
+                               cfg.training.scaffold, _accountant(cfg, self.plugins))
             return async_rounds(setup, pools, params, evaluator, logger, progress)
         # attackers replace updates after training: pools must then ship every delta
         pre_reduce = pools_may_reduce(self.plugins.aggregation) and (
@@ -208,20 +219,17 @@ class DecentralizedMode:
         if cfg.training.scaffold:
             raise ConfigError("training.scaffold: SCAFFOLD needs a server; it applies to "
                               "federated runs only")
-        if not plugins.compressor.lossless:
-            raise ConfigError("training.compression: compresses uploads to a server; it "
-                              "applies to federated runs only")
-        if cfg.gossip.mode == "async" and (not self.consensus.pairwise
-                                           or not plugins.attack.inert
-                                           or peer_faults_configured(cfg.failures)):
-            raise ConfigError("gossip.mode=async runs randomized pairwise averaging: it takes "
-                              "consensus=gossip, no dissensus attack and no failures")
-        if peer_faults_configured(cfg.failures) and self.consensus.sample_size is not None:
-            raise ConfigError("failures: peer faults are not modelled with consensus=modest")
+        if not plugins.compressor.lossless and column_stochastic(plugins.mixing):
+            raise ConfigError("training.compression with consensus=push_sum: CHOCO-SGD's public "
+                              "copies average under doubly stochastic weights; push-sum's masses "
+                              "are not compressed copies")
+        if self.consensus.sampling is not None:
+            _check_sampling(cfg, plugins)
 
     def world(self, seeds: SeedTree, task: FederatedTask, hp: LocalSGD,
-              params: torch.Tensor) -> Network:
-        return build_network(self.cfg, self.plugins)
+              params: torch.Tensor) -> PeerWorld | SampledWorld:
+        return build_peer_world(self.cfg, task.client_sizes, hp,
+                                params.numel() * params.element_size(), self.plugins)
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         g = self.cfg.gossip
@@ -230,44 +238,70 @@ class DecentralizedMode:
         rows = np.sort(rng.choice(task.data.y_test.size, n_test, replace=False))
         peers = PeerSpec(self.consensus, g.init, _byzantine_ids(adversary),
                          None if adversary is None else adversary.attack.forge,
-                         task.data.x_test[rows], task.data.y_test[rows])
+                         task.data.x_test[rows], task.data.y_test[rows], g.consensus_step)
         return make_pools(task, spec, options, PeerPool, (peers, params.numpy()))
 
-    def _faults(self, seeds: SeedTree) -> tuple:
-        failures = self.cfg.failures
-        if not peer_faults_configured(failures):
-            return None, None
-        return failures, Liveness(failures, self.cfg.population.num_clients, seeds,
-                                  self.plugins.downtime)
-
-    def describe(self, row: RunRows, network: Network) -> RunRows:
-        s = network.summary()
+    def describe(self, row: RunRows, world: PeerWorld) -> RunRows:
+        s = world.network.summary()
         return row._replace(
             topology=[s.kind], num_edges=[s.num_edges],
             degree_min=[s.degree_min], degree_mean=[s.degree_mean], degree_max=[s.degree_max],
             spectral_gap=[s.spectral_gap])
 
-    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, network):
+    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world):
         g = self.cfg.gossip
+        model_bytes = params.numel() * params.element_size()
         setup = GossipSetup(self.cfg.rounds, g.steps, self.cfg.eval_every, g.eval_peers,
-                            g.final_merge, seeds, _byzantine_ids(adversary),
-                            self.consensus.sample_size, params.numel() * params.element_size(),
-                            *self._faults(seeds))
+                            g.final_merge, seeds, _byzantine_ids(adversary), world,
+                            upload_bytes(self.plugins.compressor, model_bytes))
+        network = world.network
         if g.mode == "async":
-            rates = Rates(g.asynchronous.edge_rate, g.asynchronous.step_rate)
-            return async_gossip_units(setup, rates, pools, network, evaluator, logger, progress)
+            a = g.asynchronous
+            compressed = not self.plugins.compressor.lossless
+            pairwise = self.consensus.pairwise and not compressed and (
+                adversary is None or adversary.attack.forge is None)
+            return async_gossip_units(setup, Rates(a.edge_rate, a.step_rate, a.wake_rate),
+                                      pools, world, evaluator, logger, progress, pairwise,
+                                      compressed)
         return decentralized_rounds(setup, pools, network, evaluator, logger, progress)
+
+
+def _check_sampling(cfg: ExperimentConfig, plugins: Plugins) -> None:
+    """What MoDeST (consensus=modest) cannot take, and why."""
+    if cfg.gossip.mode == "async":
+        raise ConfigError("gossip.mode=async with consensus=modest: MoDeST's rounds are its "
+                          "protocol (a sample trains, aggregators wait for a share of it); it "
+                          "has no Poisson-clock form")
+    if cfg.gossip.steps != 1:
+        raise ConfigError("gossip.steps: consensus=modest hands each round's aggregate on "
+                          "once; steps must be 1")
+    if not plugins.compressor.lossless:
+        raise ConfigError("training.compression with consensus=modest: a compressed "
+                          "message is a difference to a model both ends hold, and MoDeST's "
+                          "aggregators change every round and need not hold the model the "
+                          "trainers started from")
+    if cfg.population.participation is not None:
+        raise ConfigError("population.participation with consensus=modest: MoDeST's "
+                          "sample_size is its participation")
+    if cfg.selection.kind != "uniform":
+        raise ConfigError(f"selection.kind={cfg.selection.kind} with consensus=modest: every "
+                          "peer computes MoDeST's sample from a shared seeded order, with no "
+                          "coordinator to rank peers or close a round at K reports (its "
+                          "success_fraction does that)")
 
 
 PROTOCOLS = {"federated": FederatedMode, "decentralized": DecentralizedMode}
 
 
 def _accountant(cfg: ExperimentConfig, plugins: Plugins) -> Accountant | None:
-    """The privacy accountant when the chain adds a sampled Gaussian mechanism's noise."""
+    """The privacy accountant when the chain adds a Gaussian mechanism's noise: sampled
+    (q = K / N) in synchronous rounds; per client contribution under an asynchronous server."""
     noise = noise_multipliers(plugins.aggregation)
     if not noise:
         return None
-    q = clients_per_round(cfg.population) / cfg.population.num_clients
+    if plugins.server.asynchronous:  # no sampling: the Gaussian mechanism per contribution
+        return Accountant(noise[0], 1.0, cfg.server.dp_delta)
+    q = clients_per_round(cfg.population, FEDERATED_FRACTION) / cfg.population.num_clients
     return Accountant(noise[0], q, cfg.server.dp_delta)
 
 

@@ -23,7 +23,8 @@ from engine.core.config import ExperimentConfig, PluginSection, load_config
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from engine.loops.world import SyncWorld
+from engine.loops.sampling import SampledWorld
+from engine.loops.world import PeerWorld, SyncWorld
 from policies.asynchronous import SERVER_RULES, ServerRule
 from policies.compression import COMPRESSORS, Compressor
 from policies.consensus import Consensus
@@ -41,11 +42,12 @@ from scenarios.availability import AVAILABILITY, Availability
 from scenarios.datasets import DATASETS
 from scenarios.devices import build_devices
 from scenarios.distributions import DISTRIBUTIONS, Distribution
-from scenarios.failures import Liveness
+from scenarios.failures import Liveness, peer_faults_configured
 from scenarios.mixing import MIXING, Mixing, column_stochastic
 from scenarios.models import MODELS
 from scenarios.network import Network
 from scenarios.partition import PARTITIONS
+from scenarios.population import clients_per_round
 from scenarios.task import FederatedTask
 from scenarios.task import build_task as scenario_task
 from scenarios.topology import TOPOLOGIES
@@ -61,12 +63,14 @@ def _kinds(registry: Registry) -> dict[str, list[str]]:
     return {name: list(registry.parameters(registry[name])) for name in registry.names()}
 
 
+DEVICE_QUANTITIES = ("step_s", "up_bps", "down_bps", "latency_s")
 # every config path that names a plugin -> {kind: its parameters' names}
 CATALOG: dict[str, dict[str, list[str]]] = {
     **{path: _kinds(registry) for path, registry in SECTIONS.items()},
     "server.staleness": _kinds(STALENESS),
+    **{f"devices.{q}": _kinds(DISTRIBUTIONS) for q in DEVICE_QUANTITIES},
+    "failures.crash.downtime": _kinds(DISTRIBUTIONS),
 }
-DEVICE_QUANTITIES = ("step_s", "up_bps", "down_bps", "latency_s")
 
 
 @dataclass(frozen=True)
@@ -205,3 +209,19 @@ def build_world(cfg: ExperimentConfig, client_sizes, hp, model_bytes: int,
     return SyncWorld(cfg, client_sizes, hp, model_bytes, seeds, plugins.availability,
                      plugins.selection, build_devices(plugins.devices, cfg.devices.path, n, seeds),
                      Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor)
+
+
+def build_peer_world(cfg: ExperimentConfig, sizes, hp, model_bytes: int,
+                     plugins: Plugins | None = None) -> PeerWorld | SampledWorld:
+    """The world of a decentralized run: the network, liveness, availability, selection of
+    the peers that train, devices, a deadline (the same world models as a federated run);
+    with a sampling protocol (MoDeST), its rounds planned over that world."""
+    plugins, n, seeds = plugins or resolve(cfg), cfg.population.num_clients, SeedTree(cfg.seed)
+    world = PeerWorld(build_network(cfg, plugins), cfg.failures,
+                      Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.availability,
+                      plugins.selection, clients_per_round(cfg.population),
+                      build_devices(plugins.devices, cfg.devices.path, n, seeds), hp, sizes,
+                      seeds, model_bytes, cfg.gossip.steps, cfg.selection.deadline_s,
+                      peer_faults_configured(cfg.failures))
+    sampling = plugins.consensus.sampling
+    return world if sampling is None else SampledWorld(world, sampling, cfg.failures)

@@ -72,6 +72,7 @@ class ServerRule:
     holds_clients = False  # clients stay busy after their update arrives (until dispatched)
     assigns_steps = False  # the rule, not the config, gives each dispatch its local steps
     interval_s: float | None = None  # a periodic tick, every interval_s virtual seconds
+    batch: int | None = None  # updates in every server step, when the rule fixes it
 
     def init(self) -> Any:
         return ()
@@ -105,7 +106,8 @@ def _stale(fn: Staleness, batch: tuple[Dispatch, ...], version: int) -> np.ndarr
 
 def batch_updates(batch: tuple[Dispatch, ...], version: int, deltas: torch.Tensor,
                   weights: torch.Tensor) -> Updates:
-    """The batch as Updates ordered by dispatch number, with each update's staleness."""
+    """The batch as Updates ordered by dispatch number, with each update's staleness, label
+    counts and Fisher (when the pools computed them)."""
     order = sorted(range(len(batch)), key=lambda i: batch[i].seq)
     idx = torch.tensor(order, dtype=torch.int64)
     return Updates(
@@ -114,8 +116,15 @@ def batch_updates(batch: tuple[Dispatch, ...], version: int, deltas: torch.Tenso
         losses=torch.tensor([batch[i].loss for i in order], dtype=torch.float32),
         num_samples=torch.tensor([batch[i].samples for i in order], dtype=torch.int64),
         steps=torch.tensor([batch[i].steps for i in order], dtype=torch.int64),
+        label_counts=_stacked([batch[i].label_counts for i in order]),
+        fisher=_stacked([batch[i].fisher for i in order]),
         staleness=torch.tensor([version - batch[i].version for i in order], dtype=torch.int64),
     )
+
+
+def _stacked(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The batch's rows of a per-client column, if the pools returned it."""
+    return None if any(r is None for r in rows) else torch.stack(rows)
 
 
 def _stack(batch: tuple[Dispatch, ...]) -> torch.Tensor:
@@ -127,6 +136,7 @@ class FedAsync(ServerRule):
     alpha: float
     staleness: Staleness
     asynchronous = True
+    batch = 1
 
     def arrive(self, state, d, t):
         return Decision(state, (d,))
@@ -144,6 +154,10 @@ class FedBuff(ServerRule):
     lr: float
     staleness: Staleness
     asynchronous = True
+
+    @property
+    def batch(self) -> int:
+        return self.buffer
 
     def arrive(self, state, d, t):
         state = (*state, d)

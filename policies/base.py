@@ -25,6 +25,9 @@ StageKind = Literal["transform", "reduction", "optimizer", "aggregator"]
 class Aggregator(NamedTuple):
     init: Callable[[torch.Tensor], State]  # global params [P] -> initial state
     update: Callable[[Any, State], tuple[Any, State]]
+    # the fewest updates the stage is defined on (Krum: 2f + 3); a server step with fewer
+    # is skipped, and a protocol that always has fewer is refused
+    min_updates: int = 1
 
 
 def stage(kind: StageKind, permutation_invariant: bool = True, decomposable: bool = False):
@@ -55,7 +58,7 @@ def chain(*stages: Aggregator) -> Aggregator:
             new_state.append(s_state)
         return x, tuple(new_state)
 
-    return Aggregator(init, update)
+    return Aggregator(init, update, max(s.min_updates for s in stages))
 
 
 def stateless(fn: Callable[[Any], Any]) -> Aggregator:

@@ -46,6 +46,14 @@ class Compressed(NamedTuple):
 class Compressor(NamedTuple):
     compress: Callable[[torch.Tensor, np.ndarray], Compressed]
     lossless: bool = False  # sends the update as it is: error feedback has nothing to keep
+    # unbiased kinds: omega(P) bounds the variance, E||C(x) - x||^2 <= omega ||x||^2
+    # (compressed gossip scales them by 1 / (1 + omega) to make them contractive)
+    omega: Callable[[int], float] | None = None
+
+    def contraction(self, num_params: int) -> float:
+        """The factor CHOCO-SGD applies to this compressor's messages: 1 / (1 + omega) for
+        an unbiased one (Koloskova et al., 2019, use QSGD so scaled), else 1."""
+        return 1.0 if self.omega is None else 1.0 / (1.0 + self.omega(num_params))
 
 
 def _rowwise(row_fn: RowFn, x: torch.Tensor, keys: np.ndarray) -> Compressed:
@@ -167,7 +175,8 @@ def randomk(ratio: Ratio = 0.01, unbiased: bool = False) -> Compressor:
     server regenerates them from the 8-byte seed, so the message is 4k + 8 bytes. Values are
     scaled by P / k only when `unbiased` (Wangni et al., 2018); with error feedback the paper
     sends them unscaled, the default."""
-    return Compressor(partial(_rowwise, partial(_randomk_row, ratio, unbiased)))
+    omega = (lambda p: p / kept_count(ratio, p) - 1.0) if unbiased else None
+    return Compressor(partial(_rowwise, partial(_randomk_row, ratio, unbiased)), omega=omega)
 
 
 def quantize8() -> Compressor:
@@ -184,7 +193,12 @@ def qsgd(levels: Annotated[int, Field(ge=1)] = 16) -> Compressor:
     |x_i| / ||x|| * s - l), then divided by s; unbiased. Encoding (no Elias coding): a float32
     norm, one sign bit and a ceil(log2(s + 1))-bit level per coordinate, packed:
     4 + ceil(P * (1 + ceil(log2(s + 1))) / 8) bytes."""
-    return Compressor(partial(_rowwise, partial(_qsgd_row, levels)))
+    return Compressor(partial(_rowwise, partial(_qsgd_row, levels)),  # Alistarh et al. Lemma 3.1
+                      omega=partial(_qsgd_omega, levels))
+
+
+def _qsgd_omega(levels: int, num_params: int) -> float:
+    return min(num_params / levels**2, math.sqrt(num_params) / levels)
 
 
 def sign() -> Compressor:

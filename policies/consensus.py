@@ -21,14 +21,32 @@ from engine.core.neighbourhood import Neighbourhood
 Update = Callable[[Neighbourhood], tuple[torch.Tensor, torch.Tensor]]
 
 
+class Sampling(NamedTuple):
+    """A sampling protocol's parameters (MoDeST): each round the first `sample_size` online
+    peers of a seeded order train; the first `aggregators` online peers of the next round's
+    sample aggregate. An aggregator averages once floor(sample_size * success_fraction)
+    models arrived, or `timeout_s` after the first one if at least `min_models` did (else
+    the aggregation is dropped), and sends the aggregate to the next sample."""
+
+    sample_size: int
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    timeout_s: float = 300.0
+    min_models: int = 3
+
+    @property
+    def needed(self) -> int:
+        return max(1, int(self.sample_size * self.success_fraction))
+
+
 class Consensus(NamedTuple):
     """update(neighbourhood) -> (new models [n, P], new push-sum mass [n]).
 
-    `sample_size`: a sampling policy (MoDeST) trains only that many peers a round, drawn
-    from the seed tree, and the engine builds W from the samples instead of the graph."""
+    `sampling`: a sampling protocol (MoDeST) trains only a sample of peers a round, and the
+    engine builds each round's W from the samples and aggregations instead of the graph."""
 
     update: Update
-    sample_size: int | None = None
+    sampling: Sampling | None = None
     pairwise: bool = False  # plain pairwise averaging (asynchronous gossip runs it natively)
 
 

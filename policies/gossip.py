@@ -8,14 +8,17 @@ import torch
 from pydantic import Field
 
 from engine.core.neighbourhood import Neighbourhood
-from policies.consensus import Consensus, consensus_policy
+from policies.consensus import Consensus, Sampling, consensus_policy
 
 
 @consensus_policy(mean_preserving=True)
 def gossip() -> Consensus:
     """Gossip averaging, x_i <- sum_j W_ij x_j (Xiao & Boyd, 2004, "Fast linear iterations for
     distributed averaging"; with local SGD steps in between this is D-PSGD: Lian et al., 2017,
-    "Can Decentralized Algorithms Outperform Centralized Algorithms?")."""
+    "Can Decentralized Algorithms Outperform Centralized Algorithms?"). Asynchronous
+    (gossip.mode=async): randomized pairwise gossip (Boyd et al., 2006, "Randomized Gossip
+    Algorithms"), an exchange per edge clock in which both ends take their mean; under a
+    forging attack, pull wake-ups as the other policies."""
 
     def update(nb: Neighbourhood):
         return nb.mix(), nb.mass[nb.own]
@@ -28,7 +31,10 @@ def push_sum() -> Consensus:
     """Push-sum (Kempe et al., 2003, "Gossip-based computation of aggregate information"), as in
     Stochastic Gradient Push (Assran et al., 2019): with column-stochastic weights, mix the
     numerators x and the masses w alike; a peer's model is the de-biased x / w, which converges
-    to the average on directed graphs. Local training steps act on x, at the point x / w."""
+    to the average on directed graphs. Local training steps act on x, at the point x / w.
+    Asynchronous: push wake-ups, as in asynchronous push-sum (Kempe et al.'s protocol run
+    on one clock per peer; Assran & Rabbat, 2021, "Asynchronous Gradient Push"): a woken peer
+    keeps its W_jj share of x and w and adds the W_ij shares to each out-neighbour's."""
 
     def update(nb: Neighbourhood):
         return nb.mix(), nb.mix_mass()
@@ -48,7 +54,9 @@ def variance_corrected(eps: Annotated[float, Field(ge=0)] = 1e-4) -> Consensus:
     layer's variance below what the (Xavier) initialisation set. After mixing, every layer
     (tensors with more than one entry) is rescaled about its mean so that its variance is the
     W-weighted mean of the received models' variances for that layer ("follow others"):
-    a <- (a - mean(a)) * sqrt((target + eps) / (var(a) + eps)) + mean(a)."""
+    a <- (a - mean(a)) * sqrt((target + eps) / (var(a) + eps)) + mean(a).
+    Asynchronous: pull wake-ups; a woken peer mixes its live in-neighbours' models with its
+    row of W and corrects its layers' variances as above."""
 
     def update(nb: Neighbourhood):
         mixed = nb.mix()
@@ -86,7 +94,9 @@ def clipped_gossip(tau: Annotated[float, Field(gt=0)] | None = None,
     """ClippedGossip / self-centred clipping (He, Karimireddy & Jaggi, 2022, "Byzantine-Robust
     Decentralized Learning via ClippedGossip"): x_i <- x_i + sum_j W_ij CLIP(x_j - x_i, tau_i),
     CLIP(v, t) = v min(1, t / ||v||). A fixed `tau`, or (default) the paper's adaptive radius
-    for an assumed Byzantine weight `delta` per peer (see _self_centred_tau)."""
+    for an assumed Byzantine weight `delta` per peer (see _self_centred_tau). Asynchronous:
+    pull wake-ups; a woken peer clips its live in-neighbours' differences around its own
+    model with its row of W."""
 
     def update(nb: Neighbourhood):
         own = nb.own_models()
@@ -109,7 +119,9 @@ def monna(f: Annotated[int, Field(ge=0)] = 1) -> Consensus:
     Collaborative Learning with Linear Gradient Overhead"): of its own model and the models it
     received, a peer drops the f farthest from its own and takes the plain mean of the rest.
     MoNNA is this step with local Polyak momentum, `training.momentum` (the paper: 0.99),
-    which peers keep across rounds."""
+    which peers keep across rounds. Asynchronous: pull wake-ups; a woken peer filters its
+    live in-neighbours' models and its own this way (the paper's synchronous step, applied
+    by one peer at a time)."""
 
     def update(nb: Neighbourhood):
         dist2 = nb.squared_distances()
@@ -124,10 +136,24 @@ def monna(f: Annotated[int, Field(ge=0)] = 1) -> Consensus:
 
 
 @consensus_policy(mean_preserving=True)
-def modest(sample_size: Annotated[int, Field(ge=1)] = 10) -> Consensus:
+def modest(sample_size: Annotated[int, Field(ge=1)] = 10,
+           aggregators: Annotated[int, Field(ge=1)] = 1,
+           success_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0,
+           timeout_s: Annotated[float, Field(gt=0)] = 300.0,
+           min_models: Annotated[int, Field(ge=1)] = 3) -> Consensus:
     """MoDeST decentralized sampling (de Vos et al., 2023, "MoDeST: Bridging the Gap between
-    Federated and Decentralized Learning with Decentralized Sampling"): each round a seeded
-    sample S_r of `sample_size` peers trains; the average of their models goes to the peers of
-    S_{r+1}, which train from it next round; the others keep their models. The engine draws
-    the samples (scenarios/network.py, sampled_mixing); this step applies that W."""
-    return Consensus(gossip().update, sample_size=sample_size)
+    Federated and Decentralized Learning with Decentralized Sampling"; the reference code,
+    devos50/decentralized-learning, fixes what the abstract leaves open). Every round r has a
+    seeded order of the peers; its sample S_r is the first `sample_size` online peers in that
+    order. The peers of S_r that received the last aggregate train from it and send their
+    models to the `aggregators` first peers of S_{r+1}. An aggregator takes the uniform mean
+    once floor(sample_size * success_fraction) models arrived, or `timeout_s` (virtual time)
+    after the first one if at least `min_models` arrived; otherwise it drops the round. The
+    first aggregate to reach S_{r+1} is the round's model (the one evaluated), and S_{r+1}
+    trains from it. Peers that join, leave, crash or lose messages are simply not in a
+    sample, or their model does not arrive (engine/loops/world.py, SampledWorld)."""
+    if aggregators > sample_size:
+        raise ValueError(f"aggregators: the aggregators are members of the next sample; at "
+                         f"most sample_size={sample_size} (got {aggregators})")
+    sampling = Sampling(sample_size, aggregators, success_fraction, timeout_s, min_models)
+    return Consensus(gossip().update, sampling=sampling)

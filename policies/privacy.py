@@ -71,7 +71,10 @@ def dp_gaussian(noise_multiplier: Annotated[float, Field(ge=0)] = 1.0,
     still gets its noise, as in the paper.
 
     The accountant's guarantee assumes each client takes part independently with probability
-    q (Poisson sampling), as in the paper."""
+    q (Poisson sampling), as in the paper. Under an asynchronous server (FedAsync, FedBuff,
+    FedFix, FedCompass) nobody is sampled: each server step is the plain Gaussian mechanism
+    (q = 1) for the clients in it, composed over each client's own steps, and the worst
+    client's epsilon is reported (no amplification by sampling is claimed)."""
 
     def init(params: torch.Tensor) -> DPState:
         return DPState(torch.zeros((), dtype=torch.int64),
@@ -96,9 +99,6 @@ def dp_gaussian(noise_multiplier: Annotated[float, Field(ge=0)] = 1.0,
 
 
 dp_gaussian.noise_parameter = "noise_multiplier"  # a sampled Gaussian mechanism: accounted
-dp_gaussian.synchronous_only = (
-    "dp_gaussian's accountant composes one sampled Gaussian mechanism per round of K of N "
-    "clients; asynchronous arrivals are not a sampled round")
 
 
 # ---------------------------------------------------------------- accountant

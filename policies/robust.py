@@ -110,7 +110,7 @@ def _krum(f: int | None, m: int | None, rule: str) -> Aggregator:
         coeffs = torch.zeros(k, dtype=torch.float64).index_fill_(0, selected, 1.0 / chosen)
         return parallel.combine(coeffs, x)
 
-    return stateless(reduce)
+    return stateless(reduce)._replace(min_updates=2 * (f or 0) + 3)  # K > 2f + 2
 
 
 @stage("reduction")
@@ -210,4 +210,4 @@ def bulyan(f: Count = None) -> Aggregator:
         subset = x[torch.tensor(sorted(chosen))]
         return parallel.columnwise(partial(_closest_to_median, beta=k - 4 * fk), subset)
 
-    return stateless(reduce)
+    return stateless(reduce)._replace(min_updates=4 * (f or 0) + 3)  # K >= 4f + 3

@@ -49,7 +49,7 @@ def nnm(f: Annotated[int, Field(ge=0)] | None = None) -> Aggregator:
         dist = parallel.squared_distances(parallel.gram(x))
         return u._replace(deltas=parallel.combine(nearest_neighbour_matrix(dist, k - fk), x))
 
-    return stateless(mix)
+    return stateless(mix)._replace(min_updates=2 * (f or 0) + 1)  # f < K / 2
 
 
 @stage("transform", permutation_invariant=False)

@@ -17,15 +17,15 @@ import numpy as np
 
 from scenarios.topology import Graph
 
-STEP, GOSSIP = 0, 1  # event kinds, in tie-break order
+STEP, GOSSIP, WAKE = 0, 1, 2  # event kinds, in tie-break order
 
 
 @dataclass(frozen=True)
 class Events:
     time: np.ndarray  # float64 [E], ascending
-    kind: np.ndarray  # int8 [E]: STEP or GOSSIP
-    a: np.ndarray  # int64 [E]: the stepping peer, or the edge's lower endpoint
-    b: np.ndarray  # int64 [E]: the edge's upper endpoint (-1 for a step)
+    kind: np.ndarray  # int8 [E]: STEP, GOSSIP or WAKE
+    a: np.ndarray  # int64 [E]: the stepping (waking) peer, or the edge's lower endpoint
+    b: np.ndarray  # int64 [E]: the edge's upper endpoint (-1 for a step or a wake-up)
 
     @property
     def size(self) -> int:
@@ -39,21 +39,47 @@ def undirected_edges(graph: Graph) -> np.ndarray:
 
 
 def poisson_events(edges: np.ndarray, num_peers: int, edge_rate: float, step_rate: float,
-                   t0: float, t1: float, rng: np.random.Generator) -> Events:
-    """Every clock's ticks in [t0, t1), ordered by (time, kind, id)."""
+                   t0: float, t1: float, rng: np.random.Generator,
+                   peers: np.ndarray | None = None, kind: int = GOSSIP) -> Events:
+    """Every clock's ticks in [t0, t1), ordered by (time, kind, id): an exchange per edge at
+    `edge_rate`, a local step per peer (of `peers`, default all) at `step_rate`. With
+    kind=WAKE, `edges` is [m, 1] peers and each one's clock is a wake-up."""
+    peers = np.arange(num_peers) if peers is None else np.asarray(peers, dtype=np.int64)
+    if not peers.size:
+        return Events(np.zeros(0), np.zeros(0, np.int8), np.zeros(0, np.int64),
+                      np.zeros(0, np.int64))
+    num_peers = peers.size
     edge_total, step_total = edges.shape[0] * edge_rate, num_peers * step_rate
     count = rng.poisson((edge_total + step_total) * (t1 - t0))
     time = rng.uniform(t0, t1, count)
     is_gossip = rng.random(count) < edge_total / (edge_total + step_total)
-    kind = np.where(is_gossip, GOSSIP, STEP).astype(np.int8)
+    kinds = np.where(is_gossip, kind, STEP).astype(np.int8)
     m = edges.shape[0]
     edge_idx = rng.integers(0, max(m, 1), count)
     peer_idx = rng.integers(0, num_peers, count)
     ends = edges[edge_idx] if m else np.zeros((count, 2), dtype=np.int64)
-    a = np.where(is_gossip, ends[:, 0], peer_idx).astype(np.int64)
-    b = np.where(is_gossip, ends[:, 1], -1).astype(np.int64)
-    order = np.lexsort((np.where(is_gossip, edge_idx, peer_idx), kind, time))
-    return Events(time[order], kind[order], a[order], b[order])
+    a = np.where(is_gossip, ends[:, 0], peers[peer_idx]).astype(np.int64)
+    b = np.where(is_gossip & (kind == GOSSIP), ends[:, -1], -1).astype(np.int64)
+    order = np.lexsort((np.where(is_gossip, edge_idx, peer_idx), kinds, time))
+    return Events(time[order], kinds[order], a[order], b[order])
+
+
+def wake_levels(events: Events, reads: list[np.ndarray], num_peers: int) -> np.ndarray:
+    """Levels of steps and wake-ups: a wake-up of peer i writes i and reads `reads[i]` (its
+    in-neighbours), a step reads and writes its peer. An event's level is 1 + the highest
+    level of an earlier event that touched any peer it touches, so the events of a level
+    neither read nor write what another of them writes: running levels in order is running
+    the events one by one."""
+    last = np.full(num_peers, -1, dtype=np.int64)
+    level = np.empty(events.size, dtype=np.int64)
+    for e, (kind, a) in enumerate(zip(events.kind.tolist(), events.a.tolist(), strict=True)):
+        touched = reads[a] if kind == WAKE else np.array([a])
+        lv = int(last[touched].max()) + 1 if touched.size else int(last[a]) + 1
+        lv = max(lv, int(last[a]) + 1)
+        level[e] = lv
+        last[touched] = lv
+        last[a] = lv
+    return level
 
 
 def conflict_free_levels(events: Events, num_peers: int) -> np.ndarray:

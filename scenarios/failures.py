@@ -81,9 +81,10 @@ class Liveness:
 
 
 def peer_faults_configured(cfg: FailuresConfig) -> bool:
-    """Whether a decentralized run has faults to inject (crashes, churn, links, messages)."""
+    """Whether a decentralized run has faults to inject (crashes, churn, dropouts, links,
+    messages)."""
     return bool(cfg.crash.rate or cfg.absent_at_start or cfg.churn or cfg.link_failure
-                or cfg.message_loss)
+                or cfg.message_loss or cfg.dropout_before or cfg.dropout_after)
 
 
 def _share(ids: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:

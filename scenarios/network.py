@@ -80,7 +80,7 @@ class Network:
         sender j for push-sum), so W keeps its stochasticity. Events: link_down (the lower
         end, value = the other end) and message_lost (the receiver, value = the sender)."""
         graph = self.graph(round_idx).restricted(alive)
-        graph, down = _drop_links(graph, failures.link_failure,
+        graph, down = drop_links(graph, failures.link_failure,
                                   self.seeds.rng("link_failure", round_idx))
         w = sparse.coo_matrix(mixing_matrix(graph, self.mixing_fn))
         rng = self.seeds.rng("message_loss", round_idx)
@@ -94,21 +94,6 @@ class Network:
         messages = Events.of(MESSAGE_LOST, w.row[lost], w.col[lost].astype(np.float64))
         return mixed, Events.concat([down, messages])
 
-    def sample(self, round_idx: int, size: int) -> np.ndarray:
-        """MoDeST's sample S_r: `size` peers drawn from the seed tree, sorted."""
-        rng = self.seeds.rng("sample", round_idx)
-        return np.sort(rng.choice(self.n, min(size, self.n), replace=False))
-
-    def sampled_mixing(self, round_idx: int, size: int) -> sparse.csr_matrix:
-        """Rows of S_{r+1} average the models of S_r; every other peer keeps its own."""
-        trained, receivers = self.sample(round_idx, size), self.sample(round_idx + 1, size)
-        keep = np.setdiff1d(np.arange(self.n), receivers)
-        rows = np.concatenate([np.repeat(receivers, trained.size), keep])
-        cols = np.concatenate([np.tile(trained, receivers.size), keep])
-        vals = np.concatenate([np.full(receivers.size * trained.size, 1.0 / trained.size),
-                               np.ones(keep.size)])
-        return sparse.csr_matrix((vals, (rows, cols)), shape=(self.n, self.n))
-
     def summary(self) -> NetworkSummary:
         graph = self.graph(0)
         low, mean, high = degree_stats(graph)
@@ -116,7 +101,7 @@ class Network:
                               float(spectral_gap(mixing_matrix(graph, self.mixing_fn))))
 
 
-def _drop_links(graph: Graph, p: float, rng: np.random.Generator) -> tuple[Graph, Events]:
+def drop_links(graph: Graph, p: float, rng: np.random.Generator) -> tuple[Graph, Events]:
     """Each undirected link (each arc of a directed graph) down with probability p."""
     first = graph.src < graph.dst if not graph.directed else np.ones(graph.src.size, bool)
     src, dst = graph.src[first], graph.dst[first]

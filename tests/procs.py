@@ -40,7 +40,7 @@ def command(pid: int) -> str:
 
 
 def named(pid: int, text: str) -> list[int]:
-    """Processes under pid whose command line contains `text` (e.g. "ray::ClientPool")."""
+    """Processes under pid whose command line contains `text` (e.g. "ray::PoolHost")."""
     return [p for p in descendants(pid) if text in command(p)]
 
 

@@ -241,3 +241,19 @@ def test_bad_shapes_are_errors():
         COMPRESSORS.make("none").compress(rows(2, 3), keys(3))
     with pytest.raises(ValueError, match="float32"):
         COMPRESSORS.make("none").compress(torch.zeros(3), keys(1))
+
+
+def test_unbiased_compressors_are_scaled_to_contract_in_compressed_gossip():
+    """CHOCO-SGD needs E||C(x) - x||^2 <= (1 - delta)||x||^2: an unbiased C with variance
+    omega becomes C / (1 + omega). QSGD: omega = min(P / s^2, sqrt(P) / s) (Alistarh et
+    al., Lemma 3.1); unbiased random-k: P / k - 1. Biased kinds (contractive already) and
+    quantize8 (its error is bounded by the row's range, not by omega ||x||^2) stay as they
+    are."""
+    from policies.compression import COMPRESSORS
+
+    assert COMPRESSORS.make("qsgd", None, None, levels=4).contraction(400) == 1 / (1 + 5.0)
+    assert COMPRESSORS.make("qsgd", None, None, levels=16).contraction(100) == 1 / (1 + 100 / 256)
+    assert COMPRESSORS.make("randomk", None, None, ratio=0.1,
+                            unbiased=True).contraction(50) == 1 / 10
+    for kind in ("topk", "randomk", "sign", "quantize8", "none"):
+        assert COMPRESSORS.make(kind).contraction(100) == 1.0

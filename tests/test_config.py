@@ -83,3 +83,16 @@ def test_resolved_config_round_trips_through_yaml():
     cfg = load_config(ROOT / "configs/quickstart.yaml")
     assert build_config(yaml.safe_load(cfg.to_yaml())) == cfg
     assert build_config(yaml.safe_load(cfg.to_yaml())).digest() == cfg.digest()
+
+
+def test_an_override_inside_a_defaulted_plugin_starts_from_its_default():
+    """devices.up_bps is {kind: constant, value: 1.25e6} unless set: setting its value, or
+    switching its kind, works on that default, as if the config had written it."""
+    cfg = load(ROOT / "configs" / "gossip_ring.yaml", ["devices.up_bps.value=100000"])
+    assert cfg.devices.up_bps == {"kind": "constant", "value": 100000}
+    assert resolve(cfg).devices["up_bps"] is not None
+    switched = load(ROOT / "configs" / "gossip_ring.yaml", [
+        "devices.up_bps.kind=lognormal", "devices.up_bps.median=1e5",
+        "devices.up_bps.sigma=1"])
+    assert switched.devices.up_bps["constant"] == {"value": 1250000.0}
+    assert resolve(switched).devices["up_bps"] is not None

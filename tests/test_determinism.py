@@ -51,14 +51,18 @@ def test_the_layouts_really_differ(runs):
     assert set(runs["inline3"][3]) == {0, 1, 2}
 
 
-def test_scaffold_is_layout_independent(tmp_path, ray_cluster):
-    """Client control variates live in the pools, the server's is summed on the id tree."""
-    cfg = small_config(rounds=3, training={"scaffold": True})
+@pytest.mark.parametrize("server", [{"mode": "sync"},
+                                    {"mode": "fedbuff", "buffer": 2, "concurrency": 3}])
+def test_scaffold_is_layout_independent(tmp_path, ray_cluster, server):
+    """Client control variates live in the pools; the server's is summed on the id tree
+    (synchronous), or moved by each aggregated client's delta c_i (asynchronous)."""
+    cfg = small_config(rounds=3, training={"scaffold": True}, server=server)
     params = [run_experiment(cfg, options, tmp_path, False).loop.params for options in
               (RuntimeOptions("inline"), RuntimeOptions("inline", pools=3),
                RuntimeOptions("ray", pools=2))]
     assert torch.equal(params[0], params[1]) and torch.equal(params[0], params[2])
-    plain = run_experiment(small_config(rounds=3), RuntimeOptions("inline"), tmp_path, False)
+    plain = run_experiment(small_config(rounds=3, server=server), RuntimeOptions("inline"),
+                           tmp_path, False)
     assert not torch.equal(plain.loop.params, params[0])
 
 

@@ -132,6 +132,31 @@ def test_the_noise_follows_the_run_seed(tmp_path):
     assert not torch.equal(other, step(1))  # another position, another stream
 
 
+def test_an_asynchronous_server_accounts_each_clients_own_steps(tmp_path):
+    """FedBuff samples nobody: after each version the epsilon reported is the Gaussian
+    mechanism's (q = 1) composed over the steps of the client that was in the most of them
+    (counted independently here from the clients table)."""
+    from engine.backends.runtime import RuntimeOptions
+    from engine.experiment import run_experiment
+    from engine.records.logs import read_table
+    from tests.conftest import small_config
+
+    cfg = small_config(rounds=6, server={"mode": "fedbuff", "buffer": 3, "concurrency": 5,
+                                         "dp_delta": 1e-4},
+                       aggregation={"dp_gaussian": {"noise_multiplier": 2.0, "clip": 0.5}})
+    result = run_experiment(cfg, RuntimeOptions("inline"), tmp_path, False)
+    rounds = read_table(result.log_dir, "rounds").sort_by("round").to_pylist()
+    clients = read_table(result.log_dir, "clients").to_pylist()
+    counts: dict[int, int] = {}
+    for row in rounds:
+        for c in clients:
+            if c["round"] == row["round"] and c["status"] == "completed":
+                counts[c["client_id"]] = counts.get(c["client_id"], 0) + 1
+        expected = rdp_epsilon(2.0, 1.0, max(counts.values()), 1e-4)
+        assert row["dp_epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert max(counts.values()) > 1  # some client contributed twice
+
+
 # ---------------------------------------------------------------- the accountant
 
 

@@ -217,7 +217,7 @@ def test_dataset_reads_back_with_duckdb_and_polars(swept_logs):
 
 
 def test_shipped_sweeps_expand(tmp_path):
-    for name, runs in [("topologies", 36), ("byzantine", 98), ("participation", 15),
+    for name, runs in [("topologies", 36), ("byzantine", 112), ("participation", 15),
                        ("weightings", 30), ("async_vs_sync", 6)]:
         assert len(load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml").runs) == runs
 

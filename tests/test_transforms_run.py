@@ -55,10 +55,24 @@ def test_bytes_in_the_logs_are_the_compressed_uploads(tmp_path):
     assert rounds["bytes_communicated"].to_pylist() == [per_round] * 3
 
 
-def test_compression_is_refused_for_peers():
-    raw = small_raw(mode="decentralized", training=TOPK, population={"num_clients": 8})
+def test_compressed_gossip_runs_asynchronously_and_refuses_push_sum(tmp_path):
+    """CHOCO-SGD on Poisson wake-ups: a woken peer sends its compressed difference to its
+    neighbours only, so a unit's bytes are far below uncompressed gossip's. Push-sum's
+    masses are not compressed copies: refused."""
+    raw = small_raw(mode="decentralized", training=TOPK, population={"num_clients": 8},
+                    gossip={"mode": "async"})
     raw["population"].pop("participation", None)
-    with pytest.raises(ConfigError, match="training.compression: compresses uploads"):
+    compressed = run_experiment(build_config(raw), INLINE, tmp_path / "a", False)
+    raw["training"].pop("compression")
+    plain = run_experiment(build_config(raw), INLINE, tmp_path / "b", False)
+    sent = [read_table(r.log_dir, "rounds").sort_by("round")["bytes_communicated"].to_numpy()
+            for r in (compressed, plain)]
+    assert np.all(sent[0] < 0.2 * sent[1])
+    assert np.isfinite(compressed.loop.params.numpy()).all()
+    raw["training"]["compression"] = TOPK["compression"]
+    raw["gossip"]["mode"], raw["consensus"] = "sync", "push_sum"
+    raw["gossip"]["mixing"] = "push_sum"
+    with pytest.raises(ConfigError, match="training.compression with consensus=push_sum"):
         run_experiment(build_config(raw), INLINE)
 
 

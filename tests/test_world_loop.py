@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from engine.backends.runtime import RuntimeOptions
 from engine.compute.training import LocalSGD
@@ -195,14 +196,34 @@ def test_fedfix_aggregates_on_its_interval(tmp_path):
 def test_async_modes_refuse_what_needs_synchronous_rounds():
     """A stage or client variant defined over synchronous rounds is refused, with the
     reason; any other chain composes."""
-    for aggregation, reason in [("fedau", "participation interval over synchronous rounds"),
-                                ({"dp_gaussian": {"clip": 1.0}}, "sampled round")]:
+    for mode, aggregation, reason in [
+            ("fedbuff", "fedau", "participation interval over synchronous rounds"),
+            ("fedasync", {"krum": {"f": 1}}, "at least 5 updates .* has at most 1"),
+            ("fedbuff", {"bulyan": {"f": 2}}, "at least 11 updates .* has at most 10")]:
         with pytest.raises(ConfigError, match=reason):
-            run_experiment(small_config(server={"mode": "fedbuff"}, aggregation=aggregation),
+            run_experiment(small_config(server={"mode": mode}, aggregation=aggregation),
                            INLINE)
-    with pytest.raises(ConfigError, match="SCAFFOLD runs in synchronous rounds only"):
-        run_experiment(small_config(server={"mode": "fedasync"}, training={"scaffold": True}),
-                       INLINE)
+    with pytest.raises(ConfigError, match="no round to close"):
+        run_experiment(small_config(server={"mode": "fedbuff"},
+                                    selection={"kind": "over_selection"}), INLINE)
+
+
+def test_async_scaffold_moves_the_server_control_by_each_aggregated_delta(tmp_path):
+    """One client: the server's c moves by the client's own delta c_i as each update lands,
+    so c - c_i is exactly 0 at every dispatch and the run equals the plain one; with two
+    clients the correction is not 0 and the run differs."""
+    one = {"training": {"local_epochs": 1, "batch_size": 4096, "lr": 0.1}}
+    runs = {}
+    for clients in ([1.0], [1.0, 2.5]):
+        for scaffold in (False, True):
+            cfg = async_config(tmp_path, "fedasync", clients, alpha=1.0,
+                               staleness={"kind": "constant"})
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+                update={"scaffold": scaffold, **one["training"]})})
+            runs[len(clients), scaffold] = run_experiment(
+                cfg, INLINE, tmp_path / f"{len(clients)}{scaffold}", False).loop.params
+    assert torch.equal(runs[1, False], runs[1, True])
+    assert not torch.equal(runs[2, False], runs[2, True])
 
 
 def test_fedau_runs_end_to_end_under_unknown_participation(tmp_path):
@@ -315,3 +336,16 @@ def test_faulty_gossip_is_the_same_on_ray_with_two_pools(tmp_path, ray_cluster):
     assert crashed >= 5
     np.testing.assert_array_equal(on_ray.loop.params, inline.loop.params)
     assert on_ray.loop.consensus_distance == inline.loop.consensus_distance
+
+
+def test_a_round_with_fewer_updates_than_the_rule_needs_keeps_the_model(tmp_path):
+    """Krum with f = 1 is defined on K >= 5 updates: when dropouts leave fewer, the server
+    skips the step (the model, hence its test loss, stays) instead of failing the run."""
+    cfg = small_config(rounds=8, aggregation={"krum": {"f": 1}},
+                       failures={"dropout_after": 0.4})
+    result = run_experiment(cfg, INLINE, tmp_path, False)
+    rounds = read_table(result.log_dir, "rounds").sort_by("round").to_pylist()
+    short = [i for i, r in enumerate(rounds) if r["num_updates"] < 5 and i > 0]
+    assert short and len(short) < len(rounds) - 1
+    for i in short:
+        assert rounds[i]["test_loss"] == rounds[i - 1]["test_loss"]

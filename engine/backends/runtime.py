@@ -1,8 +1,9 @@
 """Backends: the only module that talks to Ray.
 
-`RayPools` wraps each ClientPool in an actor, places its shard once through the object store,
-puts the global model once per round and makes one call per pool per round. `InlinePools` calls
-the same ClientPool objects in-process. Both return the pools' results in pool order.
+`RayPools` builds each pool (a ClientPool or PeerPool) inside an actor (a `PoolHost`), places
+its shard once through the object store, puts the global model once per round and makes one
+call per pool per round. `InlinePools` calls the same pool objects in-process. Both return the
+pools' results in pool order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class RuntimeOptions:
     pools: int | None = None  # default: one per cluster CPU (ray), 1 (inline)
     address: str | None = None  # an existing Ray cluster, e.g. "auto" or "host:6379"
     cpus: int | None = None  # CPUs this run may use (a sweep's share); default: the cluster's
+    reuse_actors: bool = False  # ray: keep the pool actors for the next run of this process
 
 
 class Pools(Protocol):
@@ -41,7 +43,8 @@ class Pools(Protocol):
 
     def train(self, params: torch.Tensor, selected: np.ndarray, round_idx: int,
               pre_reduce: bool, control: torch.Tensor | None = None,
-              budgets: np.ndarray | None = None) -> list[PoolResult]: ...
+              budgets: np.ndarray | None = None,
+              control_rows: bool = False) -> list[PoolResult]: ...
 
     def map(self, method: Callable, args: list[tuple], num_returns: int = 1) -> list:
         """Pool p runs method(pool, *args[p]) (`method`: a pool class's method, e.g.
@@ -92,37 +95,93 @@ class InlinePools:
     def get(self, handles):
         return list(handles)
 
-    def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None):
+    def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None,
+              control_rows=False):
         parts = split_by_pool(selected, self.bounds)
         steps = _split_like(budgets, parts)
-        return [pool.train(params, ids, round_idx, pre_reduce, control, b)
+        return [pool.train(params, ids, round_idx, pre_reduce, control, b, control_rows)
                 for pool, ids, b in zip(self._pools, parts, steps, strict=True) if ids.size]
 
     def close(self) -> None:
         self._pools.clear()
 
 
+class PoolHost:
+    """A Ray actor that builds one pool and runs its methods: kept from one run to the next
+    (RuntimeOptions.reuse_actors), a run pays for building its pool, not for starting a
+    worker process and importing torch. Each run builds a fresh pool: no state carries over."""
+
+    def __init__(self) -> None:
+        self.pool = None
+
+    def build(self, pool_class: type, spec: PoolSpec, shard, *extra) -> int:
+        self.pool = None  # the last run's pool goes before the next one is built
+        self.pool = pool_class(spec, shard, *extra)
+        return self.pool.ready()
+
+    def call(self, method: str, *args):
+        return getattr(self.pool, method)(*args)
+
+    def release(self) -> None:
+        self.pool = None
+
+
+_HOSTS: dict[tuple[int, float], list] = {}  # (pools, CPUs each) -> idle PoolHost actors
+
+
+def drop_kept_hosts() -> None:
+    """Kill the idle hosts kept for reuse: they hold CPUs, so a run that cannot reuse them
+    would otherwise wait forever for its own actors to be scheduled."""
+    import ray
+
+    while _HOSTS:
+        for actor in _HOSTS.popitem()[1]:
+            ray.kill(actor)
+
+
 class RayPools:
     def __init__(self, task: FederatedTask, spec: PoolSpec, num_pools: int, cpus: int,
-                 pool_class: type[ClientPool] = ClientPool, extra: tuple = ()) -> None:
+                 pool_class: type[ClientPool] = ClientPool, extra: tuple = (),
+                 reuse: bool = False) -> None:
         import ray
 
-        self._ray = ray
+        self._ray, self._reuse = ray, reuse
         self.num_pools = num_pools
         self.bounds = shard_bounds(task.num_clients, num_pools)
         self.chunk_map = RayChunkMap(workers=max(1, int(cpus)))
-        actor = ray.remote(pool_class).options(num_cpus=min(1.0, cpus / num_pools),
-                                               runtime_env={"env_vars": POOL_ENV})
-        spec_ref, extra_refs = ray.put(spec), [ray.put(e) for e in extra]
-        self._actors = [actor.remote(spec_ref, ray.put(task.shard(a, b)), *extra_refs)
-                        for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
-        ray.get([a.ready.remote() for a in self._actors])  # start-up is not part of round 0
+        self._key = (num_pools, min(1.0, cpus / num_pools))
+        kept = _HOSTS.pop(self._key, None) if reuse else None
+        drop_kept_hosts()  # idle hosts of another layout hold the CPUs this run's actors need
+        refs = (ray.put(spec), [ray.put(e) for e in extra],
+                [ray.put(task.shard(a, b)) for a, b in zip(self.bounds[:-1], self.bounds[1:],
+                                                             strict=True)])
+        if kept is not None:
+            try:
+                self._build(kept, pool_class, *refs)
+                return
+            except ray.exceptions.RayActorError:  # a kept actor died (e.g. Ray restarted)
+                pass
+        actor = ray.remote(PoolHost).options(num_cpus=self._key[1],
+                                             runtime_env={"env_vars": POOL_ENV})
+        self._build([actor.remote() for _ in range(num_pools)], pool_class, *refs)
 
-    def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None):
+    def _build(self, hosts: list, pool_class: type, spec_ref, extra_refs, shard_refs) -> None:
+        """Each host builds its pool (start-up is not part of round 0)."""
+        self._actors = hosts
+        try:
+            self._ray.get([h.build.remote(pool_class, spec_ref, shard, *extra_refs)
+                           for h, shard in zip(hosts, shard_refs, strict=True)])
+        except Exception:
+            self.close()
+            raise
+
+    def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None,
+              control_rows=False):
         params_ref, control_ref = self._shared(params), self._shared(control)
         parts = split_by_pool(selected, self.bounds)
         steps = _split_like(budgets, parts)
-        futures = [actor.train.remote(params_ref, ids, round_idx, pre_reduce, control_ref, b)
+        futures = [actor.call.remote("train", params_ref, ids, round_idx, pre_reduce,
+                                     control_ref, b, control_rows)
                    for actor, ids, b in zip(self._actors, parts, steps, strict=True) if ids.size]
         return self._ray.get(futures)
 
@@ -141,16 +200,25 @@ class RayPools:
         waiting (a list of refs per pool if num_returns > 1). Refs passed as arguments of a
         later call are resolved by Ray: values over 1 MiB go pool to pool through the object
         store, smaller ones travel inline via the driver."""
-        return [getattr(actor, method.__name__).options(num_returns=num_returns).remote(*a)
+        return [actor.call.options(num_returns=num_returns).remote(method.__name__, *a)
                 for actor, a in zip(self._actors, args, strict=True)]
 
     def get(self, handles):
         return self._ray.get(list(handles))
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors.clear()
+        """Kill the actors, or (reuse) empty them and keep them for the next run."""
+        if self._reuse and self._actors and self._key not in _HOSTS:
+            try:
+                self._ray.get([a.release.remote() for a in self._actors])
+                _HOSTS[self._key] = list(self._actors)
+            except Exception:  # a host that died is not kept
+                for actor in self._actors:
+                    self._ray.kill(actor)
+        else:
+            for actor in self._actors:
+                self._ray.kill(actor)
+        self._actors = []
 
 
 class RayChunkMap:
@@ -271,7 +339,7 @@ def make_pools(task: FederatedTask, spec: PoolSpec, options: RuntimeOptions,
     cpus = connect_ray(options.address)
     cpus = min(cpus, options.cpus or cpus)
     return RayPools(task, spec, _pool_count(options.pools or cpus, task), cpus, pool_class,
-                    extra)
+                    extra, options.reuse_actors)
 
 
 def _pool_count(requested: int, task: FederatedTask) -> int:

@@ -34,6 +34,7 @@ class PeerSpec:
     forge: Forge | None
     x_test: np.ndarray  # the test sample each evaluated peer is scored on
     y_test: np.ndarray
+    consensus_step: float = 1.0  # CHOCO-SGD's gamma, with compressed gossip
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class MixPlan:
     pool: int  # this pool's index
     imports: list[np.ndarray]  # per pool q != pool: global ids this pool reads from q
     exports: list[np.ndarray]  # per pool q: own global ids to send to q for the next step
+    last: bool = False  # the round's last gossip step (no step follows it)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,14 @@ class PeerPool:
         # local momentum buffers (training.momentum > 0), kept across rounds as in MoNNA
         self.momentum = (RowState(*self.state.numer.shape) if spec.hp.momentum > 0 else None)
         self._pending: np.ndarray | None = None
+        # compressed gossip (CHOCO-SGD): each peer's public copy x_hat, which its neighbours
+        # read; a step sends q = C(x - x_hat) and everyone's x_hat += q
+        self.compressor = None if spec.compressor.lossless else spec.compressor
+        self.public = RowState(*self.state.numer.shape) if self.compressor is not None else None
+        self.contraction = 1.0 if self.compressor is None else \
+            self.compressor.contraction(int(self.state.numer.shape[1]))
+        self._published = 0
+        self._messages = np.zeros(self.client_ids.size, dtype=np.uint64)  # per peer, async
         self.trainer.local_training(torch.from_numpy(np.array(params)), self.client_ids[:32],
                                     0)  # warm-up, discarded
 
@@ -140,10 +150,16 @@ class PeerPool:
         """One gossip step over the rows of `plan`, reading the imported rows; returns the
         step's stats, then one export per pool for the next step."""
         start = time.perf_counter()
-        nb = self._neighbourhood(plan, list(imported))
-        self.state.replace(*self.peers.consensus.update(nb))
+        if self.public is None:
+            nb = self._neighbourhood(plan, list(imported))
+            self.state.replace(*self.peers.consensus.update(nb))
+        else:  # CHOCO: x += gamma (policy over the public copies - own public copy)
+            own = self.public.rows
+            nb = self._neighbourhood(plan, list(imported), own)
+            mixed, _ = self.peers.consensus.update(nb)
+            self.state.numer = self.state.numer + self.peers.consensus_step * (mixed - own)
         stats = self._stats(shift, time.perf_counter() - start)
-        return (stats, *self._exports(plan.exports))
+        return (stats, *self._exports(plan.exports, publish=not plan.last))
 
     # Asynchronous gossip: one call per conflict-free level of events
     # (engine/loops/async_gossip.py).
@@ -161,6 +177,29 @@ class PeerPool:
             self.state.average_pairs(*(self.trainer.local(pairs[:, c]) for c in (0, 1)))
         self._pending = cross
         return (int(steps.size), *self._exports(exports))
+
+    def wake_level(self, steps: np.ndarray, plan: MixPlan, *imported: Export):
+        """One level of wake-ups: one local SGD step for each of `steps`, then the consensus
+        update of the rows of `plan` that are not the identity's (the peers woken at this
+        level pull their live neighbours' models, or push shares of theirs; every other row
+        is left as it is). Returns the number of steps, then one export per pool."""
+        if steps.size:
+            self._one_step(steps)
+        single = np.diff(plan.crow) == 1
+        woken = ~single  # rows that are not the identity's: neighbours, or a kept share
+        woken[single] = plan.vals[plan.crow[:-1][single]] != 1.0
+        rows = torch.from_numpy(np.flatnonzero(woken))
+        if woken.any() and self.public is None:
+            nb = self._neighbourhood(plan, list(imported))
+            numer, mass = self.peers.consensus.update(nb)
+            self.state.numer[rows], self.state.mass[rows] = numer[rows], mass[rows]
+        elif woken.any():  # CHOCO, one peer at a time: publish, then step on public copies
+            self._publish(rows)
+            own = self.public.rows
+            mixed, _ = self.peers.consensus.update(self._neighbourhood(plan, list(imported),
+                                                                       own))
+            self.state.numer[rows] += self.peers.consensus_step * (mixed[rows] - own[rows])
+        return (int(steps.size), *self._exports(plan.exports, publish=False))
 
     def async_flush(self, shift: np.ndarray | None, *imported: Export) -> MixStats:
         """Finish the last level's exchanges; the block's consensus sums."""
@@ -202,12 +241,17 @@ class PeerPool:
         [n_local, P]: one row each); push-sum masses reset to 1."""
         self.state.set_all(torch.from_numpy(np.array(models, dtype=np.float32)))
 
-    def export(self, wanted: list[np.ndarray]):
-        """No work: the rows each pool needs for a gossip step (as train_peers returns them)."""
-        return (None, *self._exports(wanted))
+    def export(self, wanted: list[np.ndarray], publish: bool = True):
+        """No work: the rows each pool needs for a gossip step (as train_peers returns them;
+        with compressed gossip, after a synchronous step's publication unless not `publish`)."""
+        return (None, *self._exports(wanted, publish))
 
     def all_models(self) -> np.ndarray:
         return self.models().numpy()
+
+    def models_of(self, peer_ids: np.ndarray) -> np.ndarray:
+        """[len(peer_ids), P]: the de-biased models of some of the block's peers."""
+        return self.models()[self.trainer.local(peer_ids)].numpy()
 
     def evaluate_peers(self, peer_ids: np.ndarray, mean_model: np.ndarray) -> PeerScores:
         z = self.models()[self.trainer.local(peer_ids)]
@@ -216,20 +260,46 @@ class PeerPool:
                                         dim=1) ** 2
         return PeerScores(peer_ids, scores[:, 0], scores[:, 1], dist.numpy())
 
-    def _exports(self, wanted: list[np.ndarray]) -> list[Export]:
+    def _exports(self, wanted: list[np.ndarray], publish: bool = True) -> list[Export]:
+        """The rows each pool reads next: the models, or with compressed gossip the public
+        copies, after this step's compressed difference is published (`publish`)."""
+        if self.public is not None and publish:
+            self._publish()
+        rows = self.state.numer if self.public is None else self.public.rows
         out = []
         for ids in wanted:
             local = self.trainer.local(ids)
-            out.append((ids, self.state.numer[local].numpy(), self.state.mass[local].numpy()))
+            out.append((ids, rows[local].numpy(), self.state.mass[local].numpy()))
         return out
 
-    def _neighbourhood(self, plan: MixPlan, imported: list[Export]) -> Neighbourhood:
-        """Gather own and imported rows in global id order (pool blocks are contiguous id
-        ranges) and turn the CSR rows into padded [n, D] slots."""
+    def _publish(self, rows: torch.Tensor | None = None) -> None:
+        """CHOCO-SGD's message: q_i = C(x_i - x_hat_i); x_hat_i += q_i (every neighbour of i
+        adds the same q_i to its copy; an unbiased C is scaled by 1 / (1 + omega)). Every
+        peer, keyed per (step, peer); or (asynchronous wake-ups) only `rows`, keyed per
+        (peer, its own count of messages)."""
+        if rows is None:
+            keys = self.seeds.client_keys("choco", self._published, self.client_ids)
+            self._published += 1
+            q = self.compressor.compress(self.state.numer - self.public.rows, keys).values
+            self.public.rows += self.contraction * q
+            return
+        local = rows.numpy()
+        ids = self.client_ids[local]
+        keys = splitmix64(self.seeds.client_keys("choco_async", 0, ids)
+                          ^ self._messages[local])
+        self._messages[local] += np.uint64(1)
+        q = self.compressor.compress(self.state.numer[rows] - self.public.rows[rows], keys)
+        self.public.rows[rows] += self.contraction * q.values
+
+    def _neighbourhood(self, plan: MixPlan, imported: list[Export],
+                       own: torch.Tensor | None = None) -> Neighbourhood:
+        """Gather own (default: the models) and imported rows in global id order (pool blocks
+        are contiguous id ranges) and turn the CSR rows into padded [n, D] slots."""
         parts, received = [], iter(imported)
         for q, ids in enumerate(plan.imports):
             if q == plan.pool:
-                parts.append((self.client_ids, self.state.numer, self.state.mass))
+                parts.append((self.client_ids, self.state.numer if own is None else own,
+                              self.state.mass))
             elif ids.size:
                 ids, models, mass = next(received)
                 parts.append((ids, torch.from_numpy(np.array(models)),

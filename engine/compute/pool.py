@@ -56,6 +56,7 @@ class PoolResult:
     update_norms: torch.Tensor  # [k] L2 norm of each client's delta
     train_s: float  # wall seconds of this pool's call
     control_sums: TreeSums | None = None  # SCAFFOLD: this pool's part of sum_i delta c_i
+    control_deltas: torch.Tensor | None = None  # SCAFFOLD, asked for: delta c_i per update
     nonfinite: np.ndarray = field(  # ids whose update had a NaN or inf: dropped
         default_factory=lambda: np.zeros(0, np.int64))
 
@@ -67,12 +68,13 @@ class PoolResult:
                 "sums": _sums_arrays(sums),
                 "norms": self.update_norms.numpy(),
                 "train_s": self.train_s, "controls": _sums_arrays(self.control_sums),
-                "nonfinite": self.nonfinite}
+                "control_rows": _array(self.control_deltas), "nonfinite": self.nonfinite}
 
     def __setstate__(self, state: dict) -> None:
         sums = _sums_tensors(state["sums"])
         updates = Updates(*map(_tensor, state["columns"]), weighted_sums=sums)
         object.__setattr__(self, "control_sums", _sums_tensors(state["controls"]))
+        object.__setattr__(self, "control_deltas", _tensor(state["control_rows"]))
         object.__setattr__(self, "updates", updates)
         object.__setattr__(self, "update_norms", _tensor(state["norms"]))
         object.__setattr__(self, "train_s", state["train_s"])
@@ -201,11 +203,13 @@ class ClientPool:
 
     def train(self, params: torch.Tensor | np.ndarray, client_ids: np.ndarray, round_idx: int,
               pre_reduce: bool = False, control: np.ndarray | None = None,
-              budgets: np.ndarray | None = None) -> PoolResult:
+              budgets: np.ndarray | None = None, control_rows: bool = False) -> PoolResult:
         """One round of local training for `client_ids` (a subset of this shard). With
         `pre_reduce`, return partial tree sums of weights * deltas instead of the deltas.
-        With SCAFFOLD, `control` is the server's control variate c (zeros if None); `budgets`
-        are the clients' own step counts (anarchic participation)."""
+        With SCAFFOLD, `control` is the server's control variate c (zeros if None), and
+        `control_rows` returns each update's delta c_i too (an asynchronous server applies
+        them as it aggregates); `budgets` are the clients' own step counts (anarchic
+        participation)."""
         start = time.perf_counter()
         t = self.trainer
         params = torch.as_tensor(np.array(params, copy=True))  # private, writable [P]
@@ -218,8 +222,10 @@ class ClientPool:
         finite = finite_rows(out.deltas)
         fisher = None if self.fisher is None else self.fisher(
             params + out.deltas, t.x, t.offsets[local.numpy()], counts)
-        control_sums = None if c is None else self._update_controls(local, c, out, client_ids,
-                                                                    finite)
+        moved = None if c is None else self._update_controls(local, c, out, finite)
+        rows = moved.clone() if control_rows and moved is not None else None
+        control_sums = None if moved is None else t.partial_sums(  # merges into `moved`
+            moved, torch.from_numpy(np.array(client_ids, dtype=np.int64)))
         deltas = self._compress(local, out.deltas, client_ids, round_idx, finite)
         finite &= finite_rows(deltas)
         updates = Updates(
@@ -234,12 +240,15 @@ class ClientPool:
         )
         nonfinite = np.asarray(client_ids, dtype=np.int64)[~finite.numpy()]
         if nonfinite.size:  # excluded from aggregation; the loop logs them
-            updates = updates.take(torch.nonzero(finite).squeeze(1))
+            kept = torch.nonzero(finite).squeeze(1)
+            updates = updates.take(kept)
+            rows = None if rows is None else rows[kept]
         norms = torch.linalg.vector_norm(updates.deltas, dim=1)
         if pre_reduce:
             updates = updates._replace(deltas=None, weighted_sums=t.partial_sums(
                 updates.deltas.mul_(updates.weights[:, None]), updates.client_ids))
-        return PoolResult(updates, norms, time.perf_counter() - start, control_sums, nonfinite)
+        return PoolResult(updates, norms, time.perf_counter() - start, control_sums, rows,
+                          nonfinite)
 
     def _compress(self, local: torch.Tensor, deltas: torch.Tensor, client_ids: np.ndarray,
                   round_idx: int, finite: torch.Tensor) -> torch.Tensor:
@@ -257,14 +266,12 @@ class ClientPool:
         return sent
 
     def _update_controls(self, local: torch.Tensor, c: torch.Tensor, out: Trained,
-                         client_ids: np.ndarray, finite: torch.Tensor) -> TreeSums:
+                         finite: torch.Tensor) -> torch.Tensor:
         """SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K_i lr), kept in the pool; returns
-        this shard's part of the id-tree sum of c_i+ - c_i (clients without a step, or with a
-        non-finite delta: 0)."""
+        the rows c_i+ - c_i (clients without a step, or with a non-finite delta: 0)."""
         steps = out.steps.to(out.deltas.dtype)[:, None]
         moved = torch.where((steps > 0) & finite[:, None],
                             -c[None, :] - out.deltas / (steps.clamp(min=1) * self.spec.hp.lr),
                             0.0)
         self.controls.add(local, moved)
-        ids = torch.from_numpy(np.array(client_ids, dtype=np.int64))
-        return self.trainer.partial_sums(moved, ids)
+        return moved

@@ -13,6 +13,7 @@ LOST_DOWNLINK, DROPPED_BEFORE, DROPPED_AFTER, LOST_UPLINK = (
     "lost_downlink", "dropped_before", "dropped_after", "lost_uplink")
 STRAGGLER, OVER_SELECTED = "straggler", "over_selected"
 LINK_DOWN, MESSAGE_LOST = "link_down", "message_lost"  # peers
+AGGREGATION_DROPPED = "aggregation_dropped"  # MoDeST: too few models by the timeout
 NONFINITE = "nonfinite"  # an update with NaN or inf: dropped before aggregation
 
 

@@ -64,3 +64,6 @@ class Dispatch:
     delta: torch.Tensor | None = None
     loss: float = math.nan
     samples: int = 0
+    control: torch.Tensor | None = None  # SCAFFOLD: the client's delta c_i
+    label_counts: torch.Tensor | None = None  # [classes] its training labels (FedDisco, MWA)
+    fisher: torch.Tensor | None = None  # [P] its local model's diagonal Fisher (merging)

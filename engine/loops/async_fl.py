@@ -32,7 +32,7 @@ from engine.core.events import NONFINITE, Events
 from engine.core.plans import COMPLETED, Dispatch
 from engine.core.seeds import SeedTree
 from engine.core.updates import Updates
-from engine.loops.federated import check_finite
+from engine.loops.federated import Accountant, check_finite
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import SyncWorld
 from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
@@ -57,6 +57,8 @@ class AsyncSetup:
     world: SyncWorld  # availability, devices, liveness, faults (slot = slot_s seconds)
     slot_s: float
     adversary: Adversary | None = None
+    scaffold: bool = False  # SCAFFOLD: control variates per version, moved as updates land
+    privacy: Accountant | None = None  # dp_gaussian: epsilon after a client's n-th step
 
 
 class AsyncRun:
@@ -67,6 +69,9 @@ class AsyncRun:
                  logger: RunLogger) -> None:
         self.setup, self.pools, self.logger, self.rule = setup, pools, logger, setup.rule
         self.params, self.version, self.snapshots = params, 0, {0: params}
+        # SCAFFOLD: the server's control c, as each version dispatched it
+        self.control = torch.zeros_like(params) if setup.scaffold else None
+        self.controls = {0: self.control}
         self.rule_state = setup.rule.init()
         self.agg_state = setup.aggregator.init(params)
         self.queue: list[tuple[float, int, int]] = []
@@ -77,6 +82,7 @@ class AsyncRun:
         self.train_calls, self.retry_at, self.version_slot = 0, -1.0, 0
         self.rows: list[tuple[Dispatch, str, float, bool, float]] = []  # of the last version
         self.total_samples = float(setup.world.sizes.sum())
+        self.contributions = np.zeros(setup.world.num_clients, np.int64)  # steps each was in
 
     # -- the queue -----------------------------------------------------------------------
 
@@ -99,14 +105,14 @@ class AsyncRun:
     # -- dispatch ------------------------------------------------------------------------
 
     def fill(self, t: float) -> None:
-        """Dispatch online idle clients until `concurrency` are busy (training, or held by the
-        rule; retry next slot if none is online)."""
+        """Dispatch online idle clients, picked by the selection policy, until `concurrency`
+        are busy (training, or held by the rule; retry next slot if none is online)."""
         free = self.setup.concurrency - len(self.busy)
         if free <= 0:
             return
         idle = np.setdiff1d(self.online, np.fromiter(self.busy, np.int64, len(self.busy)))
-        rng = self.setup.seeds.rng("async_dispatch", self.seq)
-        chosen = np.sort(rng.choice(idle, size=min(free, idle.size), replace=False))
+        rng, world = self.setup.seeds.rng("async_dispatch", self.seq), self.setup.world
+        chosen = world.selection.choose(idle, free, world.losses, rng)
         for client in chosen:
             self.dispatch(int(client), t)
         retry = (self.slot + 1) * self.setup.slot_s
@@ -144,16 +150,19 @@ class AsyncRun:
         batch = sorted(self.pending.pop(version), key=lambda d: d.client)
         ids = np.array([d.client for d in batch], dtype=np.int64)
         self.train_calls += 1
-        results = self.pools.train(self.snapshots[version], ids, self.train_calls, False, None,
-                                   np.array([d.steps for d in batch]))
-        returned = [(int(c), delta, float(loss), int(n)) for r in results
-                    for c, delta, loss, n in zip(r.updates.client_ids, r.updates.deltas,
-                                                 r.updates.losses, r.updates.num_samples,
-                                                 strict=True)]
+        results = self.pools.train(self.snapshots[version], ids, self.train_calls, False,
+                                   self.controls[version], np.array([d.steps for d in batch]),
+                                   control_rows=self.control is not None)
+        returned = [row for r in results for row in zip(
+            r.updates.client_ids.tolist(), r.updates.deltas, r.updates.losses.tolist(),
+            r.updates.num_samples.tolist(), *(_rows(column, r.updates.client_ids) for column in
+                                              (r.control_deltas, r.updates.label_counts,
+                                               r.updates.fisher)), strict=True)]
         j = 0  # results come back in id order, like `batch`, less the dropped ones
         for d in batch:
             if j < len(returned) and returned[j][0] == d.client:
-                _, d.delta, d.loss, d.samples = returned[j]
+                (_, d.delta, d.loss, d.samples, d.control, d.label_counts,
+                 d.fisher) = returned[j]
                 j += 1
             else:
                 d.status = NONFINITE
@@ -162,6 +171,7 @@ class AsyncRun:
         still = {d.version for d in self.flight.values()} | {self.version}
         if version not in still:
             self.snapshots.pop(version, None)
+            self.controls.pop(version, None)
 
     # -- the server ----------------------------------------------------------------------
 
@@ -188,14 +198,29 @@ class AsyncRun:
                                             self.total_samples) if kept else (None, 0.0))
         updates, byzantine = self._attacked(updates, kept)
         updates, dropped = self._finite(updates)
-        if updates is not None and updates.num_clients:
+        if updates is not None and updates.num_clients >= max(
+                1, self.setup.aggregator.min_updates):  # fewer: the step is skipped
             with parallel.chunk_map(self.pools.chunk_map):
                 step, self.agg_state = self.setup.aggregator.update(updates, self.agg_state)
             self.params = self.params + scale * step
+            self._move_control(kept, dropped)
+            used = [d.client for d in kept if d.seq not in dropped]
+            np.add.at(self.contributions, np.array(used, dtype=np.int64), 1)
         self.version += 1
         self.snapshots[self.version] = self.params
+        self.controls[self.version] = self.control
         self.rows = self._rows(batch, updates, byzantine, dropped)
         return True
+
+    def _move_control(self, kept: tuple[Dispatch, ...], dropped: set[int]) -> None:
+        """SCAFFOLD's server step as updates land: c += (1/N) sum of the aggregated clients'
+        delta c_i (N: the population, as in synchronous rounds)."""
+        if self.control is None:
+            return
+        moved = [d.control for d in kept if d.seq not in dropped and d.control is not None]
+        if moved:
+            n = self.setup.world.num_clients
+            self.control = self.control + torch.stack(moved).sum(dim=0) / n
 
     def _attacked(self, updates: Updates | None, kept: tuple[Dispatch, ...]):
         """The updates as the server receives them: the Byzantine clients' rows replaced."""
@@ -234,14 +259,22 @@ class AsyncRun:
         return rows
 
 
-def check_assigned_steps(setup: AsyncSetup) -> None:
+def _rows(rows: torch.Tensor | None, ids: torch.Tensor) -> list:
+    return [None] * len(ids) if rows is None else list(rows)
+
+
+def check_assigned_steps(rule: ServerRule, world: SyncWorld) -> None:
     """A rule that assigns every dispatch's local steps (FedCompass) gets the pools to train
     exactly those: the config must not set step counts of its own, and every client's
     `local_epochs` of batches must hold the most steps it may assign. One-line ConfigErrors."""
-    world, q_max = setup.world, setup.rule.max_local_steps
+    if not rule.assigns_steps:
+        return
+    q_max = rule.max_local_steps
     if world.cfg.training.max_local_steps is not None or world.anarchic:
-        raise ConfigError("server.mode: this rule assigns the local steps: it takes no "
-                          "training.max_local_steps and no anarchic availability")
+        raise ConfigError("training.max_local_steps / anarchic availability with "
+                          f"server.mode={world.cfg.server.mode}: the server assigns each "
+                          "client's local steps from its speed (FedCompass); a step budget, or "
+                          "clients choosing their own, would contradict it")
     caps = world.steps(np.arange(world.num_clients), 0)  # local_epochs of batches
     c = int(np.argmin(caps))
     if caps[c] < q_max:
@@ -259,8 +292,6 @@ class AsyncServer:
 
     def __init__(self, setup: AsyncSetup, pools: Pools, params: torch.Tensor,
                  evaluator: Evaluator, logger: RunLogger) -> None:
-        if setup.rule.assigns_steps:
-            check_assigned_steps(setup)
         self.run, self.evaluator, self.setup = AsyncRun(setup, pools, params, logger), evaluator, \
             setup
         self.run.advance(0.0)
@@ -322,6 +353,8 @@ def _arrival(run: AsyncRun, t: float, seq: int) -> bool:
     if d.status == COMPLETED and d.delta is None:
         run.train(d.version)
     came = d.status in (COMPLETED, NONFINITE)
+    if d.status == COMPLETED:  # its loss, for loss-based selection (power-of-choice)
+        run.setup.world.reported(np.array([d.client]), np.array([d.loss]))
     if not (came and run.rule.holds_clients):
         run.busy.discard(d.client)
     handler = run.rule.arrive if came else run.rule.lost
@@ -358,6 +391,8 @@ def _log_version(run: AsyncRun, v: int, t: float, done: Round, scores: Scores,
         round_wall_s=[timing.round_s], train_wall_s=[MISSING], aggregate_wall_s=[MISSING],
         eval_wall_s=[MISSING], wall_time_s=[timing.wall_s],
         client_updates_per_s=[len(rows) / max(timing.round_s, 1e-9)], virtual_time=[t],
+        dp_epsilon=[MISSING if run.setup.privacy is None
+                    else run.setup.privacy(int(run.contributions.max()))],
         bytes_communicated=[len(rows) * (run.setup.world.transfer + run.setup.world.upload)],
     ))
 

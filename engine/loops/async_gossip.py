@@ -17,36 +17,48 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from engine.backends.runtime import Pools, pool_of
 from engine.compute.evaluation import Evaluator
 from engine.compute.peers import PeerPool, PeerScores
+from engine.core.events import MESSAGE_LOST
+from engine.core.events import Events as FaultEvents
 from engine.loops.decentralized import (
     GossipSetup,
     PeerEvaluation,
+    _exports,
+    _sorted,
     check_consensus,
     consensus_summary,
+    level_plan,
     peer_accuracy,
     peer_rows,
+    pool_imports,
 )
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
-from engine.records.logs import MISSING, RoundRows, RunLogger
+from engine.loops.world import PeerWorld
+from engine.records.logs import MISSING, RoundRows, RunLogger, event_rows
 from engine.records.progress import RoundProgress
 from scenarios.clocks import (
     GOSSIP,
     STEP,
+    WAKE,
     Events,
     conflict_free_levels,
     poisson_events,
     undirected_edges,
+    wake_levels,
 )
-from scenarios.network import Network
+from scenarios.mixing import column_stochastic
+from scenarios.network import drop_links
 
 
 @dataclass(frozen=True)
 class Rates:
     edge: float  # gossip exchanges per edge per unit of virtual time
     step: float  # local SGD steps per peer per unit of virtual time
+    wake: float = 1.0  # wake-ups per peer per unit of virtual time (non-pairwise policies)
 
 
 def _level_args(events: Events, sel: np.ndarray, bounds: np.ndarray):
@@ -89,23 +101,104 @@ def _received(carried, sent, p: int) -> list:
     return [carried[q][1 + p] for q in range(len(carried)) if sent[q][p].size]
 
 
+def touched(w: sparse.csr_matrix, push: bool) -> list[np.ndarray]:
+    """Per peer, the peers its wake-up touches: the in-neighbours it pulls (W's row), or with
+    push-sum the out-neighbours it pushes to (W's column); itself included."""
+    m = _sorted(sparse.csr_matrix(w.T) if push else w)
+    return np.split(m.indices.astype(np.int64), m.indptr[1:-1])
+
+
+def wake_unit(pools: Pools, events: Events, w: sparse.csr_matrix,
+              shift: np.ndarray | None, push: bool = False) -> list:
+    """Run a unit of wake-ups and steps: level by level (scenarios/clocks.py wake_levels),
+    each level's woken peers pull their rows of W from the current models, or (push-sum,
+    column-stochastic W) push their columns: a woken j keeps W_jj of its numerator and mass
+    and adds W_ij of them to each out-neighbour i, so the total mass stays n. The pools'
+    consensus sums at the end."""
+    n, num_pools = int(pools.bounds[-1]), pools.num_pools
+    w = _sorted(w)
+    levels = wake_levels(events, touched(w, push), n)
+    count = int(levels.max()) + 1 if levels.size else 0
+    mats, steps = [], []
+    for level in range(count):
+        here = levels == level
+        woken = np.zeros(n)
+        woken[events.a[here & (events.kind == WAKE)]] = 1.0
+        moved = w @ sparse.diags(woken) if push else sparse.diags(woken) @ w
+        mats.append(_sorted(sparse.diags(1.0 - woken) + moved))
+        steps.append(events.a[here & (events.kind == STEP)])
+    imports = [pool_imports(m, pools.bounds) for m in mats]
+    carried = pools.map(PeerPool.export, [(_exports(imports[0], q), False)
+                                          for q in range(num_pools)],
+                        num_returns=1 + num_pools) if count else None
+    for level, m in enumerate(mats):
+        nxt = imports[level + 1] if level + 1 < count else None
+        calls = []
+        for p in range(num_pools):
+            own = steps[level][pool_of(pools.bounds, steps[level]) == p]
+            received = [carried[q][1 + p] for q in range(num_pools) if imports[level][p][q].size]
+            calls.append((np.sort(own), level_plan(m, pools.bounds, p, imports[level], nxt),
+                          *received))
+        carried = pools.map(PeerPool.wake_level, calls, num_returns=1 + num_pools)
+    return pools.get(pools.map(PeerPool.async_flush, [(shift,)] * num_pools))
+
+
 class AsyncGossipUnits:
     """Asynchronous gossip: a "round" is one unit of virtual time [r, r + 1) of Poisson
-    events (pairwise averages and local steps), then consensus sums and the final merge."""
+    events, then consensus sums and the final merge. Plain gossip runs randomized pairwise
+    averaging (an exchange per edge clock); any other consensus policy, an attack that
+    forges messages, or compressed gossip runs wake-ups: each online peer's clock wakes it at
+    `wake_rate`, and it applies the policy to its live in-neighbours' models (a pull), or
+    with push-sum pushes shares of its own (a push), or with CHOCO-SGD publishes its
+    compressed difference and steps on its neighbours' public copies. Every unit steps the
+    world: who is up (crashes, churn) and online (availability); links down and lost
+    messages as in a synchronous round."""
 
-    def __init__(self, setup: GossipSetup, rates: Rates, pools: Pools, network: Network,
-                 evaluator: Evaluator, logger: RunLogger) -> None:
-        self.setup, self.rates, self.pools, self.network = setup, rates, pools, network
+    def __init__(self, setup: GossipSetup, rates: Rates, pools: Pools, world: PeerWorld,
+                 evaluator: Evaluator, logger: RunLogger, pairwise: bool,
+                 compressed: bool = False) -> None:
+        self.setup, self.rates, self.pools, self.world = setup, rates, pools, world
+        self.network, self.pairwise = world.network, pairwise
         self.logger, self.scores = logger, PeerEvaluation(setup, pools, evaluator)
         self.shift: np.ndarray | None = None
         self.mean, self.consensus_distance, self.events = None, math.nan, None
+        self.reads: list[np.ndarray] = []  # wake-ups: whom each peer's wake-up touches
+        # a woken peer sends to its out-neighbours (push-sum's shares, or CHOCO's q_i)
+        self.broadcast = column_stochastic(world.network.mixing_fn) or compressed
 
     def step(self, r: int, last: bool) -> Round:
-        t0, n = time.perf_counter(), int(self.pools.bounds[-1])
-        edges = undirected_edges(self.network.graph(r))
-        self.events = poisson_events(edges, n, self.rates.edge, self.rates.step, float(r),
-                                     float(r + 1), self.setup.seeds.rng("clock", r))
-        stats = async_unit(self.pools, self.events, self.shift)
+        t0, n, seeds = time.perf_counter(), int(self.pools.bounds[-1]), self.setup.seeds
+        up, faults = self.world.liveness.step(r)
+        online = up & self.world.availability.mask(r)
+        peers = None if online.all() else np.flatnonzero(online)
+        rng, rates = seeds.rng("clock", r), self.rates
+        if self.pairwise:
+            graph = self.network.graph(r)
+            if peers is not None:
+                graph = graph.restricted(online)
+            down = FaultEvents.of(MESSAGE_LOST, np.zeros(0, np.int64))
+            if self.world.failures.link_failure:
+                graph, down = drop_links(graph, self.world.failures.link_failure,
+                                         seeds.rng("link_failure", r))
+            events = poisson_events(undirected_edges(graph), n, rates.edge, rates.step,
+                                    float(r), float(r + 1), rng, peers)
+            events, lost = _lost_exchanges(events, self.world.failures.message_loss,
+                                           seeds.rng("message_loss", r))
+            stats = async_unit(self.pools, events, self.shift)
+            faults = FaultEvents.concat([faults, down, lost])
+        else:
+            ids = np.flatnonzero(online)
+            w, lost = (self.network.mixing(r), FaultEvents.concat([])) if peers is None and \
+                not self.world.faults else self.network.faulty_mixing(r, online,
+                                                                      self.world.failures)
+            events = poisson_events(ids[:, None], n, rates.wake, rates.step, float(r),
+                                    float(r + 1), rng, ids, kind=WAKE)
+            push = column_stochastic(self.network.mixing_fn)
+            stats = wake_unit(self.pools, events, w, self.shift, push)
+            self.reads = touched(w, push or self.broadcast)
+            faults = FaultEvents.concat([faults, lost])
+        self.logger.append(event_rows(r, float(r), faults))
+        self.events = events
         self.mean, self.consensus_distance = consensus_summary(stats, self.shift)
         if self.setup.final_merge and last:
             self.pools.get(self.pools.map(PeerPool.set_models,
@@ -118,8 +211,9 @@ class AsyncGossipUnits:
         return self.scores(self.mean, r)
 
     def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None:
-        _log_unit(self.logger, self.setup, r, self.events, self.scores.taken(), scores, done,
-                  self.consensus_distance, timing, self.pools.bounds)
+        _log_unit(self.logger, self.setup, r, self.events, self.reads, self.scores.taken(),
+                  scores, done, self.consensus_distance, timing, self.pools.bounds,
+                  self.broadcast)
 
     def check(self, r: int) -> None:
         check_consensus(self.mean, self.consensus_distance, r)
@@ -129,20 +223,47 @@ class AsyncGossipUnits:
         return torch.from_numpy(np.asarray(self.mean, dtype=np.float32))
 
 
-def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, network: Network,
-                       evaluator: Evaluator, logger: RunLogger,
-                       progress: RoundProgress) -> LoopResult:
-    loop = AsyncGossipUnits(setup, rates, pools, network, evaluator, logger)
+def _lost_exchanges(events: Events, p: float, rng: np.random.Generator
+                    ) -> tuple[Events, FaultEvents]:
+    """Each pairwise exchange lost with probability p (both peers keep their models)."""
+    if p == 0:
+        return events, FaultEvents.of(MESSAGE_LOST, np.zeros(0, np.int64))
+    gossip = np.flatnonzero(events.kind == GOSSIP)
+    lost = gossip[rng.random(gossip.size) < p]
+    keep = np.ones(events.size, dtype=bool)
+    keep[lost] = False
+    kept = Events(events.time[keep], events.kind[keep], events.a[keep], events.b[keep])
+    return kept, FaultEvents.of(MESSAGE_LOST, events.a[lost], events.b[lost].astype(float))
+
+
+def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, world: PeerWorld,
+                       evaluator: Evaluator, logger: RunLogger, progress: RoundProgress,
+                       pairwise: bool = True, compressed: bool = False) -> LoopResult:
+    loop = AsyncGossipUnits(setup, rates, pools, world, evaluator, logger, pairwise,
+                            compressed)
     return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
 
 
 def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events,
+              reads: list[np.ndarray],
               peers: PeerScores | None, scores: Scores, done: Round, distance: float,
-              timing: Timing, bounds: np.ndarray) -> None:
-    if peers is not None:
-        logger.append(peer_rows(r, peers, bounds, []))
+              timing: Timing, bounds: np.ndarray, broadcast: bool = False) -> None:
     steps = done.updates
-    messages = 2 * int((events.kind == GOSSIP).sum())  # a pairwise average: one each way
+    n = int(bounds[-1])
+    gossip = events.kind == GOSSIP
+    sent = np.bincount(np.concatenate([events.a[gossip], events.b[gossip]]), minlength=n)
+    woken = events.a[events.kind == WAKE]
+    if woken.size:  # a pull: each live in-neighbour sends the woken peer its model; else
+        # the woken peer sends to each of its out-neighbours (reads: whom each wake touches)
+        if broadcast:
+            sent = sent + np.array([reads[i].size - 1 for i in range(n)]) \
+                * np.bincount(woken, minlength=n)
+        else:
+            sent = sent + np.bincount(np.concatenate([reads[i] for i in woken]),
+                                      minlength=n) - np.bincount(woken, minlength=n)
+    messages = int(sent.sum())
+    if peers is not None:
+        logger.append(peer_rows(r, peers, bounds, [], sent * setup.model_bytes))
     logger.append(RoundRows(
         round=[r], num_selected=[steps], num_updates=[steps],
         num_byzantine=[setup.byzantine.size], train_loss=[MISSING],

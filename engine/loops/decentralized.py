@@ -20,15 +20,13 @@ from engine.backends.runtime import Pools, pool_of
 from engine.compute.evaluation import Evaluator
 from engine.compute.peers import MixPlan, MixStats, PeerPool, PeerScores, PeerTrainStats
 from engine.core import tree
-from engine.core.config import FailuresConfig
 from engine.core.errors import Diverged
-from engine.core.events import Events
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
+from engine.loops.world import PeerWorld
 from engine.records.logs import MISSING, PeerRows, RoundRows, RunLogger, event_rows
 from engine.records.progress import RoundProgress
-from scenarios.failures import Liveness
 from scenarios.network import Network
 
 
@@ -41,10 +39,8 @@ class GossipSetup:
     final_merge: bool  # average every model once at the end ("A Single Merging Suffices")
     seeds: SeedTree
     byzantine: np.ndarray  # sorted ids
-    sample_size: int | None = None  # MoDeST: peers trained per round (None: every peer)
-    model_bytes: int = 0  # bytes of one model message
-    failures: FailuresConfig | None = None  # peer crashes, churn, link failures, lost messages
-    liveness: Liveness | None = None  # who is up, round by round (with `failures`)
+    world: PeerWorld  # who is online, who trains, the round's W, how long it lasts
+    model_bytes: int = 0  # bytes of one gossip message (a model, or a compressed difference)
 
 
 def pool_imports(w: sparse.csr_matrix, bounds: np.ndarray) -> list[list[np.ndarray]]:
@@ -64,12 +60,25 @@ def _exports(imports: list[list[np.ndarray]], q: int) -> list[np.ndarray]:
     return [imports[p][q] for p in range(len(imports))]
 
 
+def level_plan(w: sparse.csr_matrix, bounds: np.ndarray, p: int, imports,
+               next_imports) -> MixPlan:
+    """Pool p's rows of W, what it imports for them, and what it exports for the next step's
+    imports (`next_imports`; None: nothing, the last step)."""
+    lo, hi = w.indptr[bounds[p]], w.indptr[bounds[p + 1]]
+    return MixPlan(crow=w.indptr[bounds[p]: bounds[p + 1] + 1] - lo,
+                   cols=w.indices[lo:hi].astype(np.int64), vals=w.data[lo:hi].astype(np.float32),
+                   pool=p, imports=imports[p],
+                   exports=[ids[:0] for ids in imports[p]] if next_imports is None
+                   else _exports(next_imports, p))
+
+
 def _plan(w: sparse.csr_matrix, bounds: np.ndarray, p: int, imports, last: bool) -> MixPlan:
     lo, hi = w.indptr[bounds[p]], w.indptr[bounds[p + 1]]
     return MixPlan(crow=w.indptr[bounds[p]: bounds[p + 1] + 1] - lo,
                    cols=w.indices[lo:hi].astype(np.int64), vals=w.data[lo:hi].astype(np.float32),
                    pool=p, imports=imports[p],
-                   exports=[ids[:0] for ids in imports[p]] if last else _exports(imports, p))
+                   exports=[ids[:0] for ids in imports[p]] if last else _exports(imports, p),
+                   last=last)
 
 
 def gossip_round(pools: Pools, w: sparse.csr_matrix, round_idx: int, steps: int,
@@ -156,39 +165,52 @@ class GossipRounds:
         self.scores = PeerEvaluation(setup, pools, evaluator)
         self.shift: np.ndarray | None = None
         self.mean, self.consensus_distance = None, math.nan
+        self.aggregate: np.ndarray | None = None  # MoDeST: the last round's model
         self.last: tuple = ()
 
     def step(self, r: int, last: bool) -> Round:
         t0 = time.perf_counter()
-        w, active = _round_mixing(self.setup, self.network, r, self.logger)
-        trained, mixed = gossip_round(self.pools, w, r, self.setup.steps, self.shift, active)
+        plan = self.setup.world.plan(r)
+        self.logger.append(event_rows(r, plan.start_s, plan.events))
+        w = plan.w
+        trained, mixed = gossip_round(self.pools, w, r, self.setup.steps, self.shift,
+                                      plan.trainers)
         t1 = time.perf_counter()
         self.mean, self.consensus_distance = consensus_summary(mixed, self.shift)
+        if plan.evaluated is not None:
+            self.aggregate = peer_models(self.pools, np.array([plan.evaluated]))[0]
         if self.setup.final_merge and last:
             self.pools.get(self.pools.map(PeerPool.set_models,
                                           [(self.mean,)] * self.pools.num_pools))
-            self.consensus_distance = 0.0
+            self.consensus_distance, self.aggregate = 0.0, None
         losses = _honest_losses(trained, self.setup.byzantine)
+        self.setup.world.reported(*_peer_losses(trained))
         messages = (w.nnz - w.shape[0]) * self.setup.steps  # off-diagonal: one model each
-        self.last = (trained, losses, messages)
+        sent = (np.bincount(w.indices, minlength=w.shape[0]) - 1) * self.setup.steps
+        self.last = (trained, losses, messages, plan.start_s + plan.duration_s,
+                     sent * self.setup.model_bytes)
         return Round(int(sum(t.peer_ids.size for t in trained)),
                      float(losses.mean()) if losses.size else MISSING, t1 - t0,
                      time.perf_counter() - t1)
 
     def evaluate(self, r: int) -> Scores:
-        return self.scores(self.mean, r)
+        return self.scores(self.round_model(), r)
+
+    def round_model(self) -> np.ndarray:
+        """The model a round stands for: the peers' average, or MoDeST's last aggregate."""
+        return self.mean if self.aggregate is None else self.aggregate
 
     def record(self, r: int, done: Round, scores: Scores, timing: Timing) -> None:
-        trained, losses, messages = self.last
+        trained, losses, messages, vtime, sent = self.last
         _log_round(self.logger, self.setup, r, trained, self.scores.taken(), scores, done,
-                   self.consensus_distance, messages, timing, self.pools.bounds)
+                   self.consensus_distance, messages, vtime, timing, self.pools.bounds, sent)
 
     def check(self, r: int) -> None:
         check_consensus(self.mean, self.consensus_distance, r)
         self.shift = self.mean.astype(np.float32)  # the next reference point (as pools use)
 
     def model(self) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.mean, dtype=np.float32))
+        return torch.from_numpy(np.asarray(self.round_model(), dtype=np.float32))
 
 
 def decentralized_rounds(setup: GossipSetup, pools: Pools, network: Network,
@@ -198,17 +220,16 @@ def decentralized_rounds(setup: GossipSetup, pools: Pools, network: Network,
     return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
 
 
-def _round_mixing(setup: GossipSetup, network: Network, r: int, logger: RunLogger):
-    """(W, peers that train) of round r: the graph's mixing and every peer, MoDeST's, or the
-    living peers' with the round's faults (logged as events)."""
-    if setup.liveness is not None:
-        alive, events = setup.liveness.step(r)
-        w, lost = network.faulty_mixing(r, alive, setup.failures)
-        logger.append(event_rows(r, float(r), Events.concat([events, lost])))
-        return w, np.flatnonzero(alive)
-    if setup.sample_size is None:
-        return network.mixing(r), None
-    return network.sampled_mixing(r, setup.sample_size), network.sample(r, setup.sample_size)
+def peer_models(pools: Pools, ids: np.ndarray) -> np.ndarray:
+    """[len(ids), P] float64: the models of peers `ids` (sorted), from the pools owning them."""
+    parts = np.split(ids, np.searchsorted(ids, pools.bounds[1:-1]))
+    rows = pools.get(pools.map(PeerPool.models_of, [(part,) for part in parts]))
+    return np.concatenate(rows).astype(np.float64)
+
+
+def _peer_losses(trained: list[PeerTrainStats]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([t.peer_ids for t in trained]),
+            np.concatenate([t.losses for t in trained]))
 
 
 def _honest_losses(trained: list[PeerTrainStats], byzantine: np.ndarray) -> np.ndarray:
@@ -247,9 +268,10 @@ def _peer_sample(setup: GossipSetup, n: int, r: int) -> np.ndarray:
 
 def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained,
                peers: PeerScores | None, scores: Scores, done: Round, distance: float,
-               messages: int, timing: Timing, bounds: np.ndarray) -> None:
+               messages: int, vtime: float, timing: Timing, bounds: np.ndarray,
+               sent: np.ndarray) -> None:
     if peers is not None:
-        logger.append(peer_rows(r, peers, bounds, trained))
+        logger.append(peer_rows(r, peers, bounds, trained, sent))
     n = int(sum(t.peer_ids.size for t in trained))
     logger.append(RoundRows(
         round=[r], num_selected=[n], num_updates=[n],
@@ -261,6 +283,7 @@ def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained,
         consensus_distance=[distance],
         **peer_accuracy(None if peers is None else peers.test_accuracy),
         gossip_messages=[messages], bytes_communicated=[messages * setup.model_bytes],
+        virtual_time=[vtime],
     ))
 
 
@@ -280,10 +303,10 @@ def check_consensus(mean: np.ndarray, distance: float, r: int) -> None:
         raise Diverged(f"a peer's model is not finite after round {r}")
 
 
-def peer_rows(r: int, peers: PeerScores, bounds: np.ndarray,
-              trained: list[PeerTrainStats]) -> PeerRows:
-    """Rows of the evaluated peers: their pool, and their training loss in round r where they
-    trained (NaN otherwise)."""
+def peer_rows(r: int, peers: PeerScores, bounds: np.ndarray, trained: list[PeerTrainStats],
+              sent: np.ndarray | None = None) -> PeerRows:
+    """Rows of the evaluated peers: their pool, their training loss in round r where they
+    trained (MISSING otherwise), and the bytes they sent (`sent`: per peer, all peers)."""
     size = peers.peer_ids.size
     loss = np.full(size, MISSING, dtype=object)
     if trained:
@@ -297,4 +320,5 @@ def peer_rows(r: int, peers: PeerScores, bounds: np.ndarray,
         pool=pool_of(bounds, peers.peer_ids), train_loss=loss,
         test_loss=peers.test_loss, test_accuracy=peers.test_accuracy,
         distance_to_mean=peers.distance, byzantine=np.zeros(size, dtype=bool),
+        bytes_sent=np.zeros(size, np.int64) if sent is None else sent[peers.peer_ids],
     )

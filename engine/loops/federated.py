@@ -61,10 +61,11 @@ class FederatedRounds:
         t1 = time.perf_counter()
         updates, byzantine, dropped = _received(results, self.setup, r)
         plan = plan.marked(dropped, NONFINITE)
-        if updates.num_clients:
+        if updates.num_clients >= self.aggregator.min_updates:  # else the step is skipped
             with parallel.chunk_map(self.pools.chunk_map):
                 step, self.state = self.aggregator.update(updates, self.state)
             self.params = self.params + step
+        if updates.num_clients:
             self.setup.world.reported(updates.client_ids.numpy(), updates.losses.numpy())
         if self.control is not None and results:
             self.control = _scaffold_control(self.control, results, self.setup.world.num_clients)

@@ -12,11 +12,14 @@ loop trains just the clients whose updates the server will use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy import sparse
 
 from engine.compute.training import LocalSGD, local_steps
-from engine.core.config import ExperimentConfig
+from engine.core.config import ExperimentConfig, FailuresConfig
 from engine.core.events import OVER_SELECTED, STRAGGLER, Events
 from engine.core.plans import COMPLETED, RoundPlan
 from engine.core.seeds import SeedTree
@@ -25,7 +28,8 @@ from policies.selection import Selection
 from scenarios.availability import Availability
 from scenarios.devices import Devices
 from scenarios.failures import Liveness, round_faults
-from scenarios.population import clients_per_round
+from scenarios.network import Network
+from scenarios.population import FEDERATED_FRACTION, clients_per_round
 
 
 def upload_bytes(compressor: Compressor, model_bytes: int) -> int:
@@ -47,7 +51,7 @@ class SyncWorld:
                  compressor: Compressor) -> None:
         n = self.num_clients = cfg.population.num_clients
         self.cfg, self.sizes, self.hp, self.seeds = cfg, client_sizes, hp, seeds
-        self.k = clients_per_round(cfg.population)
+        self.k = clients_per_round(cfg.population, FEDERATED_FRACTION)
         self.availability, self.selection = availability, selection
         self.devices, self.liveness = devices, liveness
         controls = model_bytes if cfg.training.scaffold else 0  # SCAFFOLD's travel along
@@ -110,3 +114,122 @@ class SyncWorld:
         kind = OVER_SELECTED if enough else STRAGGLER
         status[missed] = kind
         return status, close, [Events.of(kind, selected[missed], task[missed])]
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    """A synchronous gossip round's plan: who is up and online, who trains, the round's W
+    among them, the round's events and how long it lasts in virtual time."""
+
+    round: int
+    start_s: float
+    online: np.ndarray  # bool [n]: up, available and on time
+    trainers: np.ndarray | None  # ids that train (None: every peer)
+    w: sparse.csr_matrix
+    events: Events
+    duration_s: float
+    evaluated: int | None = None  # the peer holding the round's model (MoDeST's aggregate)
+
+
+class PeerWorld:
+    """Plans each synchronous gossip round from the same world models as a federated run:
+    liveness (crashes, churn), availability, selection of the peers that train (K of the
+    online ones; every one by default), device profiles and a deadline. An offline peer
+    neither trains nor gossips: W is built among the online peers (their rows renormalised,
+    as for crashes). The round lasts as long as its slowest online peer (latency + its steps
+    + its gossip messages in and out), or its deadline: a peer later than that is a straggler,
+    offline for the round; with over-selection, so are the trainers after the K-th to
+    finish, and so are trainers that drop out (before training, or after it)."""
+
+    def __init__(self, network: Network, failures: FailuresConfig, liveness: Liveness,
+                 availability: Availability, selection: Selection, k: int | None,
+                 devices: Devices, hp: LocalSGD, sizes: np.ndarray, seeds: SeedTree,
+                 model_bytes: int, gossip_steps: int, deadline_s: float | None,
+                 faults: bool) -> None:
+        self.network, self.failures, self.liveness = network, failures, liveness
+        self.availability, self.selection, self.k = availability, selection, k
+        self.devices, self.hp, self.sizes, self.seeds = devices, hp, sizes, seeds
+        self.model_bytes, self.gossip_steps, self.deadline_s = model_bytes, gossip_steps, \
+            deadline_s
+        self.faults, self.n = faults, network.n
+        self.losses = np.full(self.n, np.inf)
+        self.clock = 0.0
+
+    def plan(self, r: int) -> PeerPlan:
+        up, events = self.liveness.step(r)
+        online = up & self.availability.mask(r)
+        every = bool(online.all()) and not self.faults and self.k is None \
+            and self.deadline_s is None
+        if every:  # the plain graph's W, every peer trains
+            w, lost, trainers = self.network.mixing(r), Events.concat([]), None
+        else:
+            w, lost = self.network.faulty_mixing(r, online, self.failures)
+            trainers = self._trainers(online, r)
+        trainers, dropped, dropouts = self._dropouts(trainers, r)
+        task = self._task_times(w, online, trainers, r)
+        over = self._over_selected(trainers, task)
+        late = np.zeros(self.n, dtype=bool)
+        if self.deadline_s is not None:
+            late = online & ~over & ~dropped & (task > self.deadline_s)
+        if over.any() or late.any() or dropped.any():  # offline: W among the others
+            trained_first = dropped & ~over & ~late  # dropped after training: trains, silent
+            online = online & ~over & ~late & ~dropped
+            w, lost = self.network.faulty_mixing(r, online, self.failures)
+            trainers = trainers[(online | trained_first)[trainers]]
+        on_time = task[online]
+        duration = self.deadline_s if late.any() else (float(on_time.max()) if on_time.size
+                                                       else 0.0)
+        plan = PeerPlan(r, self.clock, online, trainers, w, Events.concat([
+            events, lost, dropouts, Events.of(STRAGGLER, np.flatnonzero(late), task[late]),
+            Events.of(OVER_SELECTED, np.flatnonzero(over), task[over])]), duration)
+        self.clock += duration
+        return plan
+
+    def _dropouts(self, trainers: np.ndarray | None, r: int
+                  ) -> tuple[np.ndarray | None, np.ndarray, Events]:
+        """failures.dropout_before / dropout_after among the round's trainers: the first
+        leave before training, the second after it; both are offline for the round's gossip.
+        Returns the trainers less the first, the mask of both, and their events."""
+        dropped = np.zeros(self.n, dtype=bool)
+        f = self.failures
+        if trainers is None or not (f.dropout_before or f.dropout_after):
+            return trainers, dropped, Events.concat([])
+        only = f.model_copy(update={"message_loss": 0.0, "uplink_loss": 0.0,
+                                    "downlink_loss": 0.0})
+        faults = round_faults(only, trainers, self.seeds.rng("faults", r))
+        dropped[trainers[faults.dropped_before | faults.dropped_after]] = True
+        return trainers[~faults.dropped_before], dropped, faults.events(trainers)
+
+    def _over_selected(self, trainers: np.ndarray | None, task: np.ndarray) -> np.ndarray:
+        """With over-selection, the trainers after the K-th to finish (ties: lower id first):
+        their work is not used, and they sit the round out."""
+        over = np.zeros(self.n, dtype=bool)
+        if trainers is None or self.k is None or not self.selection.closes_at_k \
+                or trainers.size <= self.k:
+            return over
+        order = np.argsort(task[trainers], kind="stable")
+        over[trainers[order[self.k:]]] = True
+        return over
+
+    def reported(self, ids: np.ndarray, losses: np.ndarray) -> None:
+        self.losses[ids] = losses
+
+    def _trainers(self, online: np.ndarray, r: int) -> np.ndarray:
+        ids = np.flatnonzero(online)
+        if self.k is None or self.k >= ids.size:
+            return ids
+        return self.selection.choose(ids, self.k, self.losses, self.seeds.rng("selection", r))
+
+    def _task_times(self, w: sparse.csr_matrix, online: np.ndarray,
+                    trainers: np.ndarray | None, r: int) -> np.ndarray:
+        """Per peer: latency + its local steps + the models it receives and sends over the
+        round's gossip steps (inf for an offline peer)."""
+        ids = np.arange(self.n)
+        degree = np.diff(w.indptr) - 1  # off-diagonal entries of its row: messages received
+        sent = np.bincount(w.indices, minlength=self.n) - 1  # rows that read it: messages sent
+        trains = np.ones(self.n, dtype=bool) if trainers is None else np.isin(ids, trainers)
+        steps = np.where(trains, local_steps(self.hp, self.sizes, self.seeds, ids, r), 0)
+        messages = self.gossip_steps * self.model_bytes
+        task = self.devices.task_time(ids, steps, np.maximum(degree, 0) * messages,
+                                      np.maximum(sent, 0) * messages)
+        return np.where(online, task, np.inf)

@@ -67,7 +67,7 @@ CLIENTS = pa.schema([
 PEERS = pa.schema([
     ("round", pa.int32()), ("peer_id", pa.int64()), ("pool", pa.int32()),
     ("train_loss", pa.float32()), ("test_loss", pa.float32()), ("test_accuracy", pa.float32()),
-    ("distance_to_mean", pa.float64()), ("byzantine", pa.bool_()),
+    ("distance_to_mean", pa.float64()), ("byzantine", pa.bool_()), ("bytes_sent", pa.int64()),
 ])
 OUTCOMES = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("rounds_done", pa.int32()),
@@ -155,6 +155,7 @@ class PeerRows(NamedTuple):
     test_accuracy: np.ndarray
     distance_to_mean: np.ndarray  # ||z_i - z_bar||^2
     byzantine: np.ndarray
+    bytes_sent: np.ndarray = np.array([0])  # the peer's gossip messages this round (wire bytes)
 
 
 class EventRows(NamedTuple):
