@@ -126,12 +126,13 @@ def sweep_command(argv: list[str]) -> int:
         raise ConfigError("--max-concurrent: must be >= 1")
     from engine.sweeps.sweep import load_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides)  # every run validated before Ray starts
+    sweep = load_sweep(args.sweep, args.overrides)  # every run checked before Ray starts
     from engine.records.logs import check_log_dir
 
     log_dir = check_log_dir(Path(args.log_dir)) / sweep.experiment
     if args.dry_run:
         return _list_runs(sweep, log_dir)
+    sweep.check()  # a refused run stops the sweep before the first run starts
     from engine.sweeps.scheduler import InlineRunner, RayRunner, run_sweep
 
     runner = (InlineRunner(sweep.cpus_per_run) if args.backend == "inline" else
@@ -151,13 +152,17 @@ def _list_runs(sweep, log_dir: Path) -> int:
     from engine.sweeps.sweep import finished_runs
 
     recorded = finished_runs(log_dir)
-    status = [recorded.get(run.run_id, "pending") for run in sweep.runs]
+    status = ["refused" if run.refused else recorded.get(run.run_id, "pending")
+              for run in sweep.runs]
     for run, state in zip(sweep.runs, status, strict=True):
-        print(f"{run.run_id}  {state:<11} {run.label()}")
-    done, failed = status.count("completed"), status.count("failed")
+        why = f"  -- {run.refused}" if run.refused else \
+            "".join(f"  -- note: {n}" for n in run.notes)
+        print(f"{run.run_id}  {state:<11} {run.label()}{why}")
+    done, failed, refused = (status.count(s) for s in ("completed", "failed", "refused"))
     print(f"{len(sweep.runs)} runs: {done} completed, {failed} failed, "
-          f"{len(status) - done - failed} to run")
-    return 0
+          f"{len(status) - done - failed - refused} to run"
+          + (f", {refused} refused (the sweep will not start)" if refused else ""))
+    return 2 if refused else 0
 
 
 def plugins_command(argv: list[str]) -> int:
@@ -166,9 +171,12 @@ def plugins_command(argv: list[str]) -> int:
                 "of every protocol against every plugin and world model (checked by the "
                 "engine, about 20 s).")
     p.add_argument("kind", nargs="?", help="one kind only, e.g. topology (no matrix)")
+    p.add_argument("--matrix", action="store_true", help="print the compatibility matrix only")
     p.add_argument("--write-matrix", metavar="PATH", help="write the matrix as Markdown "
                    "(docs/COMPATIBILITY.md) instead of printing it")
     args = p.parse_args(argv)
+    if args.kind and (args.matrix or args.write_matrix):
+        raise ConfigError("plugins: a kind lists that kind's plugins; --matrix covers them all")
     from engine.contracts import CHECKERS
     from engine.core.plugins import describe_registry
 
@@ -176,7 +184,7 @@ def plugins_command(argv: list[str]) -> int:
     if args.kind and args.kind not in CHECKERS:
         raise ConfigError(f"plugins: unknown kind {args.kind!r}; allowed: "
                           f"{', '.join(CHECKERS)}")
-    if not args.write_matrix:
+    if not (args.write_matrix or args.matrix):
         for kind in kinds:
             print(f"{kind}:")
             for line in describe_registry(CHECKERS[kind][0]):
@@ -193,7 +201,7 @@ def plugins_command(argv: list[str]) -> int:
         print(f"wrote {args.write_matrix}: {allowed} cells run, {refused} refused, "
               f"{na} not applicable")
     else:
-        print("\ncompatibility (docs/COMPATIBILITY.md):")
+        print(("" if args.matrix else "\n") + "compatibility (docs/COMPATIBILITY.md):")
         print(compatibility.render_text(m))
     return 0
 

@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.compute.training import EXECUTORS
-from engine.core.config import build_config
+from engine.core.config import ServerConfig, build_config
 from engine.core.errors import ConfigError
 from engine.experiment import prepare
+from engine.protocols import in_matrix
+from engine.protocols.base import ProtocolSpec, part_of
+from engine.resolve import resolve
+from policies.asynchronous import SERVER_RULES
 from policies.compression import COMPRESSORS
 from policies.registry import AGGREGATION, CONSENSUS
 from policies.selection import SELECTION
@@ -45,40 +49,8 @@ TINY: dict[str, Any] = {
     "population": {"num_clients": 8},
     "training": {"executor": "vmap", "local_epochs": 1, "batch_size": 64, "lr": 0.1},
 }
-FL_BASE = {"population": {"participation": {"clients_per_round": 6}}}
-PEER_BASE = {"mode": "decentralized", "topology": {"kind": "ring"}, "gossip": {"eval_peers": 2}}
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    sections: dict[str, Any]
-    federated: bool
-    asynchronous: bool = False
-
-
-PROTOCOLS: tuple[Protocol, ...] = (
-    Protocol("sync FL", {**FL_BASE, "server": {"mode": "sync"}}, True),
-    Protocol("FedAsync", {**FL_BASE, "server": {"mode": "fedasync", "concurrency": 4}}, True,
-             True),
-    Protocol("FedBuff", {**FL_BASE, "server": {"mode": "fedbuff", "buffer": 6,
-                                               "concurrency": 8}}, True, True),
-    Protocol("FedFix", {**FL_BASE, "server": {"mode": "fedfix", "interval_s": 0.05,
-                                              "concurrency": 6}}, True, True),
-    Protocol("FedCompass", {**FL_BASE, "server": {"mode": "fedcompass", "max_local_steps": 2,
-                                                  "concurrency": 6},
-                            "training": {"local_epochs": 2}}, True, True),
-    Protocol("sync gossip", PEER_BASE, False),
-    Protocol("async gossip", {**PEER_BASE, "gossip": {"mode": "async", "eval_peers": 2}},
-             False, True),
-    Protocol("MoDeST", {**PEER_BASE, "consensus": {"modest": {"sample_size": 4}}}, False),
-)
-NAMES = tuple(p.name for p in PROTOCOLS)
-FEDERATED = tuple(p.name for p in PROTOCOLS if p.federated)
-PEERS = tuple(p.name for p in PROTOCOLS if not p.federated)
-GRAPHS = ("sync gossip", "async gossip")  # peers on a graph (MoDeST samples the population)
-WITH_STALENESS = ("FedAsync", "FedBuff", "FedCompass")
-ROUNDS = ("sync FL", "sync gossip", "MoDeST")  # protocols with rounds that can close
+PROTOCOLS: list[ProtocolSpec] = in_matrix()  # the columns, from the protocol registry
+NAMES = tuple(p.label for p in PROTOCOLS)
 
 
 @dataclass(frozen=True)
@@ -86,13 +58,31 @@ class Row:
     kind: str
     name: str
     sections: dict[str, Any]  # set over the protocol's config ("{files}": a folder of inputs)
-    applies: tuple[str, ...]  # the protocols whose configs have this kind
     group: str = ""  # packing: rows of one group never share a run (see covering_runs)
+
+    def parts(self) -> set[str]:
+        """The parts (engine/protocols/base.py PARTS) the row's settings belong to."""
+        return {part for path in _leaves(self.sections) if (part := part_of(path))}
+
+    def applies(self, protocol: ProtocolSpec) -> bool:
+        """Whether the protocol has the row's parts, as it declares them: every part it
+        consumes, a parameter its server rule takes, an attack made for its family."""
+        if not all(protocol.uses(part) for part in self.parts()):
+            return False
+        if self.kind == "attack":
+            attack = ATTACKS.make(self.name)
+            return attack.for_servers if protocol.federated else attack.for_peers
+        rule = (protocol.example or {}).get("server", {}).get("mode")
+        taken = SERVER_RULES.parameters(SERVER_RULES[rule]) if rule else {}
+        fields = ServerConfig.model_fields
+        return all(path.split(".")[1] in taken or path.split(".")[1] in fields
+                   for path in _leaves(self.sections) if path.startswith("server."))
 
 
 @dataclass(frozen=True)
 class Cell:
-    status: str  # "ok", "refused" or "n/a"
+    status: str  # "ok", "reduces" (runs as another rule would: `reason` names it), "refused"
+    # or "n/a"
     reason: str = ""
 
 
@@ -135,44 +125,37 @@ def _stage_value(name: str) -> Any:
             "optimizer": ["weighted_mean", stage]}.get(role, stage)
 
 
-def _rows_of(kind: str, names: Iterable[str], path: Callable[[Any], dict], applies,
+def _rows_of(kind: str, names: Iterable[str], path: Callable[[Any], dict],
              group: str = "") -> list[Row]:
     return [Row(kind, name, _merged(path(_plugin(kind, name)), WITH.get((kind, name), {})),
-                applies(name) if callable(applies) else applies, group or kind)
+                group or kind)
             for name in names]
 
 
-def _attack_applies(name: str) -> tuple[str, ...]:
-    attack = ATTACKS.make(name)
-    return ((FEDERATED if attack.for_servers else ())
-            + (PEERS if attack.for_peers else ()))
-
-
-WORLD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
-    ("crash-stop", {"failures": {"crash": {"rate": 0.2}}}, NAMES),
+WORLD: list[tuple[str, dict[str, Any]]] = [
+    ("crash-stop", {"failures": {"crash": {"rate": 0.2}}}),
     ("crash-recover", {"failures": {"crash": {"rate": 0.3, "downtime": {
-        "kind": "constant", "value": 2}}}}, NAMES),
+        "kind": "constant", "value": 2}}}}),
     ("churn", {"failures": {"absent_at_start": 0.25, "churn": [
-        {"at": 1, "leave": 0.2, "join": 0.5}]}}, NAMES),
-    ("dropouts", {"failures": {"dropout_before": 0.2, "dropout_after": 0.2}},
-     tuple(n for n in NAMES if n != "async gossip")),  # async gossip selects nobody
-    ("message loss", {"failures": {"message_loss": 0.2}}, NAMES),
-    ("link failure", {"failures": {"link_failure": 0.2}}, GRAPHS),
-    ("outage", {"topology": {"outages": [{"start": 0, "stop": 1, "fraction": 0.5}]}}, GRAPHS),
+        {"at": 1, "leave": 0.2, "join": 0.5}]}}),
+    ("dropouts", {"failures": {"dropout_before": 0.2, "dropout_after": 0.2}}),
+    ("message loss", {"failures": {"message_loss": 0.2}}),
+    ("link failure", {"failures": {"link_failure": 0.2}}),
+    ("outage", {"topology": {"outages": [{"start": 0, "stop": 1, "fraction": 0.5}]}}),
     ("devices", {"devices": {"step_s": {"kind": "lognormal", "median": 0.01, "sigma": 1.0},
-                             "up_bps": {"kind": "tiers", "values": [1e5, 1e6]}}}, NAMES),
-    ("devices file", {"devices": {"path": "{files}/devices.csv"}}, NAMES),
-    ("deadline", {"selection": {"deadline_s": 0.05}}, ROUNDS),
+                             "up_bps": {"kind": "tiers", "values": [1e5, 1e6]}}}),
+    ("devices file", {"devices": {"path": "{files}/devices.csv"}}),
+    ("deadline", {"selection": {"deadline_s": 0.05}}),
 ]
-TRAINING: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
-    ("scaffold", {"training": {"scaffold": True}}, FEDERATED),
-    ("fedprox", {"training": {"prox_mu": 0.01}}, NAMES),
-    ("momentum", {"training": {"momentum": 0.9}}, NAMES),
-    ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}, NAMES),
+TRAINING: list[tuple[str, dict[str, Any]]] = [
+    ("scaffold", {"training": {"scaffold": True}}),
+    ("fedprox", {"training": {"prox_mu": 0.01}}),
+    ("momentum", {"training": {"momentum": 0.9}}),
+    ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}),
     ("error feedback off", {"training": {"compression": {"kind": "topk",
-                                                         "error_feedback": False}}}, FEDERATED),
-    ("final merge", {"gossip": {"final_merge": True}}, PEERS),
-    ("independent init", {"gossip": {"init": "independent"}}, PEERS),
+                                                         "error_feedback": False}}}),
+    ("final merge", {"gossip": {"final_merge": True}}),
+    ("independent init", {"gossip": {"init": "independent"}}),
 ]
 
 
@@ -182,32 +165,28 @@ def rows() -> list[Row]:
     stages = AGGREGATION.names()
     out = [*(Row("aggregation", name, _merged({"aggregation": _stage_value(name)},
                                               WITH.get(("aggregation", name), {})),
-                 FEDERATED, f"aggregation.{AGGREGATION[name].stage_kind}")
+                 f"aggregation.{AGGREGATION[name].stage_kind}")
              for name in stages)]
     out += _rows_of("consensus", [n for n in CONSENSUS.names() if n != "modest"],
-                    lambda v: {"consensus": v}, GRAPHS)
+                    lambda v: {"consensus": v})
     out += _rows_of("attack", [n for n in ATTACKS.names() if n != "none"],
-                    lambda v: {"attack": _kind(v, fraction=0.25)}, _attack_applies)
-    out += _rows_of("selection", SELECTION.names(), lambda v: {"selection": _kind(v)}, NAMES)
+                    lambda v: {"attack": _kind(v, fraction=0.25)})
+    out += _rows_of("selection", SELECTION.names(), lambda v: {"selection": _kind(v)})
     out += _rows_of("staleness", STALENESS.names(),
-                    lambda v: {"server": {"staleness": _kind(v)}}, WITH_STALENESS)
+                    lambda v: {"server": {"staleness": _kind(v)}})
     out += _rows_of("compression", [n for n in COMPRESSORS.names() if n != "none"],
-                    lambda v: {"training": {"compression": _kind(v)}}, NAMES)
+                    lambda v: {"training": {"compression": _kind(v)}})
     out += _rows_of("availability", [n for n in AVAILABILITY.names() if n != "always"],
-                    lambda v: {"population": {"availability": _kind(v)}}, NAMES)
-    out += _rows_of("topology", TOPOLOGIES.names(), lambda v: {"topology": _kind(v)}, GRAPHS)
-    out += _rows_of("mixing", MIXING.names(), lambda v: {"gossip": {"mixing": _name(v)}},
-                    GRAPHS)
-    out += _rows_of("partition", PARTITIONS.names(), lambda v: {"partition": _kind(v)}, NAMES)
-    out += _rows_of("dataset", DATASETS.names(), lambda v: {"task": {"dataset": _name(v)}},
-                    NAMES)
-    out += _rows_of("model", MODELS.names(), lambda v: {"task": {"model": _kind(v)}}, NAMES)
+                    lambda v: {"population": {"availability": _kind(v)}})
+    out += _rows_of("topology", TOPOLOGIES.names(), lambda v: {"topology": _kind(v)})
+    out += _rows_of("mixing", MIXING.names(), lambda v: {"gossip": {"mixing": _name(v)}})
+    out += _rows_of("partition", PARTITIONS.names(), lambda v: {"partition": _kind(v)})
+    out += _rows_of("dataset", DATASETS.names(), lambda v: {"task": {"dataset": _name(v)}})
+    out += _rows_of("model", MODELS.names(), lambda v: {"task": {"model": _kind(v)}})
     out += _rows_of("executor", EXECUTORS.names(),
-                    lambda v: {"training": {"executor": _name(v)}}, NAMES)
-    out += [Row("world", name, sections, applies, "world")
-            for name, sections, applies in WORLD]
-    out += [Row("training", name, sections, applies, "training")
-            for name, sections, applies in TRAINING]
+                    lambda v: {"training": {"executor": _name(v)}})
+    out += [Row("world", name, sections, "world") for name, sections in WORLD]
+    out += [Row("training", name, sections, "training") for name, sections in TRAINING]
     return out
 
 
@@ -258,23 +237,39 @@ def write_inputs(files: Path) -> Path:
     return files
 
 
-def config_of(protocol: Protocol, row_sections: Iterable[dict[str, Any]], files: Path):
-    """The cell's (or a covering run's) config: TINY, the protocol, then each row's
+def config_of(protocol: ProtocolSpec, row_sections: Iterable[dict[str, Any]], files: Path):
+    """The cell's (or a covering run's) config: TINY, the protocol's example, then each row's
     sections."""
-    raw = _merged(TINY, protocol.sections)
+    raw = _merged(TINY, dict(protocol.example))
     for sections in row_sections:
         raw = _merged(raw, sections)
     return build_config(_filled(raw, files))
 
 
-def refusal(protocol: Protocol, row_sections: Iterable[dict[str, Any]],
+def refusal(protocol: ProtocolSpec, row_sections: Iterable[dict[str, Any]],
             files: Path) -> str | None:
     """The engine's one-line reason for refusing this config, or None if it runs."""
+    cell = check(protocol, row_sections, files)
+    return cell.reason if cell.status == "refused" else None
+
+
+def check(protocol: ProtocolSpec, row_sections: Iterable[dict[str, Any]], files: Path) -> Cell:
+    """The cell as the engine sees it: refused (its one-line reason), a run of another
+    protocol (n/a: the row changes which protocol the keys select), a run that reduces to
+    another rule (the note the engine shows), or a run."""
     try:
-        prepare(config_of(protocol, row_sections, files))
+        cfg = config_of(protocol, row_sections, files)
+        if resolve(cfg).protocol.name != protocol.name:
+            return Cell("n/a")
+        notes = prepare(cfg).mode.notes
     except ConfigError as err:
-        return str(err)
-    return None
+        return Cell("refused", str(err))
+    return Cell("reduces", _reduced_to(notes[0])) if notes else Cell("ok")
+
+
+def _reduced_to(note: str) -> str:
+    """The rule a note says the run reduces to ("... gives aggregation=X's results")."""
+    return note.rsplit("aggregation=", 1)[-1].removesuffix("'s results")
 
 
 @dataclass
@@ -286,12 +281,16 @@ class Matrix:
         return self.cells[row.kind, row.name, protocol]
 
     def allowed(self, protocol: str) -> list[Row]:
-        return [r for r in self.rows if self.cell(r, protocol).status == "ok"]
+        return [r for r in self.rows if self.cell(r, protocol).status in ("ok", "reduces")]
 
     def counts(self) -> tuple[int, int, int]:
-        """(allowed, refused, not applicable) cells."""
+        """(allowed, refused, not applicable) cells; allowed ones include reductions."""
         statuses = [c.status for c in self.cells.values()]
-        return statuses.count("ok"), statuses.count("refused"), statuses.count("n/a")
+        return (statuses.count("ok") + statuses.count("reduces"), statuses.count("refused"),
+                statuses.count("n/a"))
+
+    def reductions(self) -> int:
+        return sum(c.status == "reduces" for c in self.cells.values())
 
 
 def matrix(files: Path | None = None) -> Matrix:
@@ -301,12 +300,8 @@ def matrix(files: Path | None = None) -> Matrix:
         m = Matrix(rows())
         for row in m.rows:
             for p in PROTOCOLS:
-                if p.name not in row.applies:
-                    m.cells[row.kind, row.name, p.name] = Cell("n/a")
-                    continue
-                reason = refusal(p, [row.sections], files)
-                m.cells[row.kind, row.name, p.name] = (Cell("ok") if reason is None
-                                                       else Cell("refused", reason))
+                m.cells[row.kind, row.name, p.label] = (
+                    check(p, [row.sections], files) if row.applies(p) else Cell("n/a"))
         return m
 
 
@@ -376,17 +371,23 @@ def render(m: Matrix) -> str:
         "# Compatibility matrix",
         "",
         "Generated from the code (engine/compatibility.py) by",
-        "`python run.py plugins --write-matrix docs/COMPATIBILITY.md`; `python run.py plugins`",
-        "prints it. Each cell is checked the way a run is: its config is built and the engine",
-        "prepares the run, so a refusal is the engine's own one-line reason. A test keeps this",
-        "file equal to what the code generates, and runs every allowed cell for two rounds on",
-        "a tiny task (8 clients of digits, a logistic model), inline and on Ray with 2 pools.",
+        "`python run.py plugins --write-matrix docs/COMPATIBILITY.md`; `python run.py plugins",
+        "--matrix` prints it. The columns are the protocol registry's (engine/protocols), and a",
+        "cell is not applicable exactly when the protocol does not declare the row's parts",
+        "(such a setting is refused at load time). Every other cell is checked the way a run",
+        "is: its config is built and the engine prepares the run, so a refusal is the engine's",
+        "own one-line reason. A test keeps this file equal to what the code generates, and runs",
+        "every allowed cell for two rounds on a tiny task (8 clients of digits, a logistic",
+        "model), inline, and a sample of them on Ray with 2 pools.",
         "",
-        "✓ runs · ✗n refused (reason n below the table) · `·` not applicable (the protocol",
-        "has no such part: a server's aggregation in gossip, a graph in federated learning).",
+        "✓ runs · ≡ X runs, and gives the results of X (the engine says so at start: e.g. a",
+        "robust rule over FedAsync's single update) · ✗n refused (reason n below the table) ·",
+        "`·` not applicable (the protocol has no such part: a server's aggregation in gossip, a",
+        "graph in federated learning).",
         "",
-        f"**{applicable} applicable cells: {allowed} run, {refused} refused "
-        f"({100 * refused / max(applicable, 1):.1f}%); {na} not applicable.**",
+        f"**{applicable} applicable cells: {allowed} run ({m.reductions()} of them reduce to "
+        f"another rule), {refused} refused ({100 * refused / max(applicable, 1):.1f}%); {na} "
+        "not applicable.**",
         "",
     ]
     reasons: list[str] = []
@@ -405,6 +406,8 @@ def render(m: Matrix) -> str:
                     if cell.reason not in reasons:
                         reasons.append(cell.reason)
                     marks.append(f"✗{reasons.index(cell.reason) + 1}")
+                elif cell.status == "reduces":
+                    marks.append(f"≡ {cell.reason}")
                 else:
                     marks.append(MARK[cell.status])
             lines.append(f"| `{row.name}` | " + " | ".join(marks) + " |")
@@ -431,10 +434,11 @@ def render_text(m: Matrix) -> str:
                     reasons.append(cell.reason)
                 marks.append(f"x{reasons.index(cell.reason) + 1}".rjust(cols))
             else:
-                marks.append({"ok": "+", "n/a": "."}[cell.status].rjust(cols))
+                marks.append({"ok": "+", "reduces": "=", "n/a": "."}[cell.status].rjust(cols))
         lines.append(f"{row.kind} {row.name}".ljust(width) + "  " + " ".join(marks))
     allowed, refused, na = m.counts()
-    lines += ["", f"+ runs, xN refused (reason N), . not applicable: {allowed} run, "
-              f"{refused} refused, {na} not applicable", ""]
+    lines += ["", f"+ runs, = runs and gives another rule's results, xN refused (reason N), "
+              f". not applicable: {allowed} run ({m.reductions()} reduce), {refused} refused, "
+              f"{na} not applicable", ""]
     lines += [f"{i + 1}. {r}" for i, r in enumerate(reasons)]
     return "\n".join(lines)

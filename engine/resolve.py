@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,10 @@ from engine.core.config import ExperimentConfig, PluginSection, load_config
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from engine.loops.sampling import SampledWorld
-from engine.loops.world import PeerWorld, SyncWorld
-from policies.asynchronous import SERVER_RULES, ServerRule
-from policies.compression import COMPRESSORS, Compressor
-from policies.consensus import Consensus
+from engine.protocols import protocol_of
+from engine.protocols.base import Plugins, check_settings
+from policies.asynchronous import SERVER_RULES
+from policies.compression import COMPRESSORS
 from policies.registry import (
     AGGREGATION,
     CONSENSUS,
@@ -35,19 +32,15 @@ from policies.registry import (
     consensus_spec,
     stage_specs,
 )
-from policies.selection import SELECTION, Selection
+from policies.selection import SELECTION
 from policies.staleness import STALENESS
-from scenarios.adversaries import ATTACKS, Attack
-from scenarios.availability import AVAILABILITY, Availability
+from scenarios.adversaries import ATTACKS
+from scenarios.availability import AVAILABILITY
 from scenarios.datasets import DATASETS
-from scenarios.devices import build_devices
-from scenarios.distributions import DISTRIBUTIONS, Distribution
-from scenarios.failures import Liveness, peer_faults_configured
-from scenarios.mixing import MIXING, Mixing, column_stochastic
+from scenarios.distributions import DISTRIBUTIONS
+from scenarios.mixing import MIXING, column_stochastic
 from scenarios.models import MODELS
-from scenarios.network import Network
 from scenarios.partition import PARTITIONS
-from scenarios.population import clients_per_round
 from scenarios.task import FederatedTask
 from scenarios.task import build_task as scenario_task
 from scenarios.topology import TOPOLOGIES
@@ -73,27 +66,6 @@ CATALOG: dict[str, dict[str, list[str]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Plugins:
-    """The objects a run is built from (kinds resolved, parameters checked)."""
-
-    dataset: Callable  # (num_clients, rng) -> Samples
-    model: Callable  # an architecture: (input_shape, classes, linear, conv) -> layers
-    partition: Callable  # (labels, num_clients, rng, natural_owner) -> owner
-    executor: Callable  # (model, spec) -> executor
-    compressor: Compressor
-    selection: Selection
-    availability: Availability
-    devices: dict[str, Distribution]
-    downtime: Distribution | None
-    server: ServerRule
-    attack: Attack
-    topology: Callable  # (num_nodes, rng) -> Graph
-    mixing: Mixing
-    aggregation: list[PluginSpec]  # built with the model's layer sizes: build_aggregator
-    consensus: Consensus
-
-
 def section_spec(cfg: ExperimentConfig, path: str) -> PluginSpec:
     """The plugin a config section names, split into its kind's parameters and others'."""
     section: PluginSection = _at(cfg, path)
@@ -117,7 +89,9 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
     aggregation = stage_specs(cfg.aggregation)
     for spec in aggregation:  # checked here; built once the model is known
         AGGREGATION.validated(spec.kind, spec.params, spec.where)
-    consensus = consensus_spec(cfg.consensus)
+    consensus = build_consensus(consensus_spec(cfg.consensus), column_stochastic(mixing))
+    protocol = protocol_of(cfg, built["server"], consensus)
+    check_settings(cfg, protocol)
     attack = built["attack"]
     mode_fits = attack.for_servers if cfg.mode == "federated" else attack.for_peers
     if not mode_fits:
@@ -135,8 +109,7 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
         downtime=None if cfg.failures.crash.downtime is None else DISTRIBUTIONS.build(
             DISTRIBUTIONS.spec(cfg.failures.crash.downtime, "failures.crash.downtime")),
         server=built["server"], attack=attack, topology=built["topology"], mixing=mixing,
-        aggregation=aggregation,
-        consensus=build_consensus(consensus, column_stochastic(mixing)),
+        aggregation=aggregation, consensus=consensus, protocol=protocol,
     )
 
 
@@ -192,36 +165,3 @@ def build_task(cfg: ExperimentConfig, plugins: Plugins | None = None) -> Federat
     return scenario_task(plugins.dataset, plugins.partition, plugins.model,
                          cfg.population.num_clients, SeedTree(cfg.seed), cfg.task.test_fraction,
                          cfg.task.max_test_samples, cfg.task.model.supermask)
-
-
-def build_network(cfg: ExperimentConfig, plugins: Plugins | None = None) -> Network:
-    """The peers' network over rounds (topology, mixing, redraws, outages)."""
-    plugins, t = plugins or resolve(cfg), cfg.topology
-    return Network(plugins.topology, plugins.mixing, cfg.population.num_clients,
-                   SeedTree(cfg.seed), label=t.kind, redraw=t.dynamic == "redraw",
-                   allow_disconnected=t.allow_disconnected, outages=t.outages)
-
-
-def build_world(cfg: ExperimentConfig, client_sizes, hp, model_bytes: int,
-                plugins: Plugins | None = None) -> SyncWorld:
-    """The world of a federated run: availability, selection, devices, liveness."""
-    plugins, n, seeds = plugins or resolve(cfg), cfg.population.num_clients, SeedTree(cfg.seed)
-    return SyncWorld(cfg, client_sizes, hp, model_bytes, seeds, plugins.availability,
-                     plugins.selection, build_devices(plugins.devices, cfg.devices.path, n, seeds),
-                     Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor)
-
-
-def build_peer_world(cfg: ExperimentConfig, sizes, hp, model_bytes: int,
-                     plugins: Plugins | None = None) -> PeerWorld | SampledWorld:
-    """The world of a decentralized run: the network, liveness, availability, selection of
-    the peers that train, devices, a deadline (the same world models as a federated run);
-    with a sampling protocol (MoDeST), its rounds planned over that world."""
-    plugins, n, seeds = plugins or resolve(cfg), cfg.population.num_clients, SeedTree(cfg.seed)
-    world = PeerWorld(build_network(cfg, plugins), cfg.failures,
-                      Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.availability,
-                      plugins.selection, clients_per_round(cfg.population),
-                      build_devices(plugins.devices, cfg.devices.path, n, seeds), hp, sizes,
-                      seeds, model_bytes, cfg.gossip.steps, cfg.selection.deadline_s,
-                      peer_faults_configured(cfg.failures))
-    sampling = plugins.consensus.sampling
-    return world if sampling is None else SampledWorld(world, sampling, cfg.failures)

@@ -20,7 +20,7 @@ def weighted_sums(updates: Updates) -> TreeSums:
     return TreeSums.leaves(updates.weights[:, None] * updates.deltas, updates.client_ids)
 
 
-@stage("reduction", decomposable=True)
+@stage("reduction", decomposable=True, mean_of_one=True)
 def weighted_mean() -> Aggregator:
     """FedAvg's reduction (McMahan et al., 2017, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data"): sum_k w_k * delta_k / sum_k w_k, with w_k = n_k the

@@ -30,16 +30,24 @@ class Aggregator(NamedTuple):
     min_updates: int = 1
 
 
-def stage(kind: StageKind, permutation_invariant: bool = True, decomposable: bool = False):
+def stage(kind: StageKind, permutation_invariant: bool = True, decomposable: bool = False,
+          needs: tuple[str, ...] = (), mean_of_one: bool = False):
     """Mark a factory with the kind of stage it returns (read by the registry and the contract
     checker). `permutation_invariant=False` for rules that depend on client order;
     `decomposable=True` for reductions that only need sum(weights * deltas) (engine/core/tree.py),
-    which pools may then pre-reduce instead of shipping every delta."""
+    which pools may then pre-reduce instead of shipping every delta. `needs`: the columns of
+    `Updates` the stage reads besides deltas and weights (label_counts, fisher, steps, losses,
+    staleness); a protocol whose updates do not carry them is refused at load.
+    `mean_of_one=True` for a transform or reduction that, on a single update, gives what the
+    weighted mean gives (that update): over a protocol that aggregates one update per step the
+    run then reduces to FedAvg's, and the engine says so (the contract checker tests it)."""
 
     def mark(factory: Callable[..., Aggregator]) -> Callable[..., Aggregator]:
         factory.stage_kind = kind
         factory.permutation_invariant = permutation_invariant
         factory.decomposable = decomposable
+        factory.needs = frozenset(needs)
+        factory.mean_of_one = mean_of_one
         return factory
 
     return mark

@@ -74,7 +74,7 @@ def flag_coefficients(g: torch.Tensor, m: int, lam: float, iterations: int) -> t
     return (q @ (out / s.sqrt())) / safe  # back to coefficients over the raw rows
 
 
-@stage("reduction")
+@stage("reduction", mean_of_one=True)
 def flag_aggregator(subspace_dim: Annotated[int, Field(ge=1)] | None = None,
                     lam: Annotated[float, Field(ge=0)] = 0.0,
                     iterations: Annotated[int, Field(ge=1)] = 3,

@@ -110,7 +110,35 @@ def pools_may_reduce(specs: Sequence[PluginSpec]) -> bool:
 def pools_compute_fisher(specs: Sequence[PluginSpec]) -> bool:
     """True when a stage of the chain merges with Fisher weights (clients then return their
     local model's diagonal Fisher)."""
-    return any(getattr(f, "needs_fisher", False) for f in _factories(specs))
+    return "fisher" in chain_needs(specs)
+
+
+def chain_needs(specs: Sequence[PluginSpec]) -> frozenset[str]:
+    """The columns of `Updates` the chain's stages read (their `needs`)."""
+    return frozenset().union(*(getattr(f, "needs", frozenset()) for f in _factories(specs)))
+
+
+def on_one_update(specs: Sequence[PluginSpec]) -> str | None:
+    """What the chain is when every step aggregates a single update, if that is another
+    chain: each transform and reduction that gives the update's weighted mean on one update
+    (`mean_of_one`) drops out, a reduction becoming the weighted mean. None when the chain
+    stays itself (or a stage is not the mean on one update)."""
+    dropped, kept, reduction = [], [], False
+    for spec, factory in zip(specs, _factories(specs), strict=True):
+        if factory.stage_kind not in ("transform", "reduction"):
+            kept.append(spec.kind)
+            continue
+        if not getattr(factory, "mean_of_one", False):
+            return None
+        reduction = reduction or factory.stage_kind == "reduction"
+        if spec.kind != "weighted_mean":
+            dropped.append(spec.kind)
+    if not dropped:
+        return None
+    kept = (["weighted_mean"] if reduction else []) + kept
+    if kept == ["weighted_mean"]:
+        return "fedavg"
+    return kept[0] if len(kept) == 1 else f"[{', '.join(kept)}]"
 
 
 def noise_multipliers(specs: Sequence[PluginSpec]) -> list[float]:

@@ -64,14 +64,14 @@ def _trimmed_rows(chunk: torch.Tensor, b: int) -> torch.Tensor:
     return st[:, b : st.shape[1] - b].mean(dim=1)
 
 
-@stage("reduction")
+@stage("reduction", mean_of_one=True)
 def coordinate_median() -> Aggregator:
     """Coordinate-wise median (Yin et al., 2018, "Byzantine-Robust Distributed Learning:
     Towards Optimal Statistical Rates"). Unweighted, as in the paper."""
     return stateless(lambda u: parallel.columnwise(_median_rows, stack(u, "coordinate_median")))
 
 
-@stage("reduction")
+@stage("reduction", mean_of_one=True)
 def trimmed_mean(trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.2) -> Aggregator:
     """Coordinate-wise trimmed mean (Yin et al., 2018, "Byzantine-Robust Distributed Learning:
     Towards Optimal Statistical Rates"): per coordinate, drop the floor(trim * K) largest and
@@ -128,7 +128,7 @@ def multi_krum(f: Count = None, m: Annotated[int, Field(ge=1)] | None = None) ->
     return _krum(f, m, "multi_krum")
 
 
-@stage("reduction")
+@stage("reduction", mean_of_one=True)
 def geometric_median(iterations: Annotated[int, Field(ge=1)] = 8,
                      nu: Annotated[float, Field(gt=0)] = 1e-6) -> Aggregator:
     """Geometric median by the smoothed Weiszfeld algorithm (Pillutla et al., 2022, "Robust

@@ -36,7 +36,7 @@ def nearest_neighbour_matrix(dist: torch.Tensor, keep: int) -> torch.Tensor:
     return mix.scatter_(1, nearest, 1.0 / keep)
 
 
-@stage("transform")
+@stage("transform", mean_of_one=True)
 def nnm(f: Annotated[int, Field(ge=0)] | None = None) -> Aggregator:
     """Nearest-neighbour mixing (Allouah et al., 2023, "Fixing by Mixing: A Recipe for Optimal
     Byzantine ML under Heterogeneity"): replace each update by the average of its K - f nearest
@@ -52,7 +52,7 @@ def nnm(f: Annotated[int, Field(ge=0)] | None = None) -> Aggregator:
     return stateless(mix)._replace(min_updates=2 * (f or 0) + 1)  # f < K / 2
 
 
-@stage("transform", permutation_invariant=False)
+@stage("transform", permutation_invariant=False, mean_of_one=True)
 def bucketing(bucket_size: Annotated[int, Field(ge=1)] = 2, *, seed: int) -> Aggregator:
     """Bucketing (Karimireddy et al., 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
     via Bucketing"): shuffle the K updates at random and average them in buckets of

@@ -25,7 +25,7 @@ def _column(u: Updates, name: str, rule: str) -> torch.Tensor:
     return column
 
 
-@stage("transform")
+@stage("transform", mean_of_one=True)
 def uniform_weights() -> Aggregator:
     """Every client counts the same, whatever its data size: the unweighted average of client
     models used when sizes are unknown or not to be trusted (e.g. Li et al., 2020, "On the
@@ -33,7 +33,7 @@ def uniform_weights() -> Aggregator:
     return stateless(lambda u: u._replace(weights=torch.ones_like(u.weights)))
 
 
-@stage("transform")
+@stage("transform", mean_of_one=True)
 def sample_weights() -> Aggregator:
     """Weights n_k, the client's number of training samples (McMahan et al., 2017,
     "Communication-Efficient Learning of Deep Networks from Decentralized Data"). Pools already
@@ -53,7 +53,7 @@ def label_discrepancy(label_counts: torch.Tensor,
     return torch.linalg.vector_norm(dist - target, ord=1 if measure == "l1" else 2, dim=1)
 
 
-@stage("transform")
+@stage("transform", needs=("label_counts",), mean_of_one=True)
 def feddisco(a: Annotated[float, Field(ge=0)] = 0.5, b: float = 0.1,
              measure: Literal["kl", "l1", "l2"] = "kl") -> Aggregator:
     """FedDisco (Ye et al., 2023, "FedDisco: Federated Learning with Discrepancy-Aware
@@ -78,7 +78,7 @@ def feddisco(a: Annotated[float, Field(ge=0)] = 0.5, b: float = 0.1,
     return stateless(reweight)
 
 
-@stage("transform")
+@stage("transform", needs=("losses", "steps"), mean_of_one=True)
 def mwa(metric: Literal["loss", "steps"] = "loss",
         penalty: Annotated[float, Field(ge=0)] = 0.5) -> Aggregator:
     """Metrics-Weighted Averaging (Yu & Choi, 2025, "Parameter-Efficient Checkpoint Merging via
@@ -102,7 +102,7 @@ def mwa(metric: Literal["loss", "steps"] = "loss",
     return stateless(reweight)
 
 
-@stage("reduction")
+@stage("reduction", needs=("fisher",), mean_of_one=True)
 def fisher_merge(floor: Annotated[float, Field(gt=0)] = 1e-6,
                  normalize: bool = True) -> Aggregator:
     """Fisher merging (Matena & Raffel, 2022, "Merging Models with Fisher-Weighted Averaging";
@@ -128,4 +128,3 @@ def fisher_merge(floor: Annotated[float, Field(gt=0)] = 1e-6,
     return stateless(reduce)
 
 
-fisher_merge.needs_fisher = True  # read by the engine: pools compute F_k

@@ -49,6 +49,22 @@ def small_raw(**sections) -> dict:
                 apply_override(raw, [key, inner], item, CATALOG)
         else:
             raw[key] = value
+    return _fitted(raw, sections)
+
+
+def _fitted(raw: dict, sections: dict) -> dict:
+    """SMALL's settings that only some protocols consume (engine/protocols), dropped for the
+    others unless the caller set them: K clients per round (sync FL and sync gossip), local
+    epochs (not asynchronous gossip, whose steps are clock events)."""
+    peers = raw.get("mode") == "decentralized"
+    clocks = peers and raw.get("gossip", {}).get("mode") == "async"
+    modest = peers and "modest" in str(raw.get("consensus", ""))
+    asynchronous = not peers and raw.get("server", {}).get("mode", "sync") != "sync"
+    if (clocks or modest or asynchronous) and "participation" not in sections.get(
+            "population", {}):
+        raw["population"].pop("participation", None)
+    if clocks and "local_epochs" not in sections.get("training", {}):
+        raw["training"].pop("local_epochs", None)
     return raw
 
 

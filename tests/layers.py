@@ -26,8 +26,10 @@ LAYERS: dict[str, set[str]] = {
     "engine.backends": {CORE, "policies", "scenarios", "engine.compute"},
     "engine.loops": {CORE, "policies", "scenarios", "engine.compute", "engine.backends",
                      "engine.records"},
+    "engine.protocols": {CORE, "policies", "scenarios", "engine.compute", "engine.backends",
+                         "engine.loops", "engine.records"},
     "engine": {CORE, "policies", "scenarios", "engine.compute", "engine.backends",
-               "engine.loops", "engine.records"},
+               "engine.loops", "engine.records", "engine.protocols"},
     "engine.sweeps": {CORE, "engine.records", "engine.backends", "engine"},
     "engine.analysis": {CORE, "engine.records"},
 }

@@ -1,8 +1,8 @@
 """The compatibility matrix (engine/compatibility.py): docs/COMPATIBILITY.md is what the code
 generates, at most 5% of applicable cells are refused, and every allowed cell runs two
-rounds on the tiny task, inline, with finite results that are the same on Ray with 2 pools
-(pool actors kept from run to run). Rows come from the registries: a new plugin is covered
-the day it is registered."""
+rounds on the tiny task, inline, with finite results; every other covering run is checked to
+give the same bits on Ray with 2 pools (pool actors kept from run to run). Rows come from
+the registries: a new plugin is covered the day it is registered."""
 
 from __future__ import annotations
 
@@ -65,14 +65,14 @@ def test_every_allowed_cell_runs_inline_and_the_same_on_ray(protocol, matrix, tm
                                                             ray_cluster):
     m, files = matrix
     runs = []
-    for run in compat.covering_runs(m, protocol.name):
+    for run in compat.covering_runs(m, protocol.label):
         sections = compat.combined_sections(run)
         if sections is None or compat.refusal(protocol, sections, files):
             runs += [[row] for row in run]  # split: one run per row
         else:
             runs.append(run)
     covered = {(row.kind, row.name) for run in runs for row in run}
-    assert covered == {(r.kind, r.name) for r in m.allowed(protocol.name)}
+    assert covered == {(r.kind, r.name) for r in m.allowed(protocol.label)}
     ray = RuntimeOptions("ray", 2, reuse_actors=True)
     for i, run in enumerate(runs):
         sections = compat.combined_sections(run) if len(run) > 1 else [run[0].sections]
@@ -81,10 +81,12 @@ def test_every_allowed_cell_runs_inline_and_the_same_on_ray(protocol, matrix, tm
             inline, rows = _run(protocol, sections, files, RuntimeOptions("inline", 1),
                                 tmp_path / f"i{i}")
         except ConfigError as err:  # allowed alone, so it must run alone
-            raise AssertionError(f"{protocol.name} {label}: {err}") from None
+            raise AssertionError(f"{protocol.label} {label}: {err}") from None
         params = inline.loop.params.numpy()
         assert np.isfinite(params).all(), label
         assert math.isfinite(inline.loop.final_accuracy), label
+        if i % 2:  # a sample on Ray: every other covering run
+            continue
         on_ray, ray_rows = _run(protocol, sections, files, ray, tmp_path / f"r{i}")
         assert rows.equals(ray_rows), label
         np.testing.assert_array_equal(params, on_ray.loop.params.numpy(), err_msg=str(label))

@@ -23,6 +23,9 @@ COMBINATIONS = {
         "attack.kind=sign_flip", "attack.fraction=0.2", "aggregation=coordinate_median"]),
     "fedbuff+fedadam": ("fedbuff_async", ["aggregation=fedadam"]),
     "fedasync+scaffold": ("fedbuff_async", ["server.mode=fedasync", "training.scaffold=true"]),
+    "fedbuff+feddisco": ("fedbuff_async", ["aggregation=[feddisco, fedavg]"]),
+    "fedbuff+fisher_merge": ("fedbuff_async", ["aggregation=fisher_merge"]),
+    "fedbuff+power_of_choice": ("fedbuff_async", ["selection.kind=power_of_choice"]),
     "async_gossip+clipped+dissensus": ("gossip_async", [
         "consensus=clipped_gossip", "attack.kind=dissensus", "attack.fraction=0.1"]),
     "async_gossip+crash+loss": ("gossip_async", [
@@ -56,6 +59,20 @@ def test_combination_runs_and_matches_on_ray(name, tmp_path, ray_cluster):
     np.testing.assert_array_equal(inline.loop.params.numpy(), ray.loop.params.numpy())
     vtime = rows["virtual_time"].to_pylist()
     assert all(v is not None and v > 0 for v in vtime)  # every protocol keeps a clock
+
+
+def test_power_of_choice_dispatches_other_clients_than_uniform_under_fedbuff(tmp_path):
+    """Asynchronous dispatch picks among the idle clients with the selection policy: by their
+    last reported loss under power-of-choice, so other clients train than under uniform."""
+    clients = {}
+    for kind in ("uniform", "power_of_choice"):
+        cfg = load_config(ROOT / "configs" / "fedbuff_async.yaml",
+                          [f"selection.kind={kind}", *SHORT])
+        result = run_experiment(cfg, RuntimeOptions("inline", 1), tmp_path / kind, False)
+        table = read_table(result.log_dir, "clients").sort_by([("round", "ascending"),
+                                                              ("client_id", "ascending")])
+        clients[kind] = table.select(["round", "client_id"]).to_pylist()
+    assert clients["uniform"] != clients["power_of_choice"]
 
 
 def test_gossip_devices_set_the_round_length(tmp_path):

@@ -29,7 +29,7 @@ def compass_config(tmp_path, step_s, rounds, q_max, **sections):
     n = len(step_s)
     raw = {
         "devices": {"path": devices_file(tmp_path, step_s, FAST_LINKS, FAST_LINKS)},
-        "population": {"num_clients": n, "participation": {"clients_per_round": n}},
+        "population": {"num_clients": n},
         "training": {"local_epochs": q_max, "batch_size": 4096},
         "server": {"mode": "fedcompass", "concurrency": n, "max_local_steps": q_max,
                    "q_ratio": 0.2},
@@ -204,7 +204,7 @@ def test_fedcompass_survives_lost_updates_and_churn(tmp_path):
                          failures={"message_loss": 0.2, "dropout_after": 0.1,
                                    "crash": {"rate": 0.1, "downtime": {"kind": "constant",
                                                                        "value": 1}}},
-                         population={"num_clients": 6, "participation": {"fraction": 1.0},
+                         population={"num_clients": 6,
                                      "availability": {"kind": "always", "slot_s": 1.0}})
     result = run_experiment(cfg, INLINE, tmp_path / "logs", False)
     clients, rounds = _versions(result)

@@ -12,7 +12,8 @@ from engine.core.errors import ConfigError
 from engine.core.params import init_params
 from engine.core.seeds import SeedTree
 from engine.core.updates import Updates
-from engine.experiment import FederatedMode, run_experiment
+from engine.experiment import run_experiment
+from engine.protocols.federated import Federated
 from engine.resolve import build_task, load, resolve
 from policies.frl import frl
 from policies.registry import build_aggregator, stage_specs
@@ -171,7 +172,7 @@ def test_short_frl_run_beats_chance(tmp_path):
 def test_frl_config_errors():
     dense = small_config(aggregation="frl")
     with pytest.raises(ConfigError, match=r"^task\.model\.supermask: aggregation frl"):
-        FederatedMode(dense, resolve(dense), build_task(dense).model, SeedTree(0))
+        Federated(dense, resolve(dense), build_task(dense).model, SeedTree(0))
     with pytest.raises(ConfigError, match="frl.* must be the last one"):
         build_aggregator(stage_specs(["frl", "server_sgd"]))
     with pytest.raises(ConfigError, match=r"aggregation\[0\]\.frl\.supermask_layers: set by "

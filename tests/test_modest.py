@@ -15,8 +15,9 @@ from engine.core.events import AGGREGATION_DROPPED, CRASH, LOST_UPLINK
 from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.loops.sampling import SampledWorld
+from engine.protocols.worlds import build_peer_world
 from engine.records.logs import read_table
-from engine.resolve import build_peer_world
+from engine.resolve import resolve
 from policies.consensus import Sampling
 from tests.conftest import small_raw
 
@@ -28,14 +29,14 @@ def modest_config(rounds: int = 3, **sections):
     raw = small_raw(mode="decentralized", population={"num_clients": PEERS},
                     topology={"kind": "ring"}, gossip={"eval_peers": 4}, rounds=rounds,
                     **sections)
-    raw["population"].pop("participation")
+    raw["population"].pop("participation", None)
     raw.setdefault("consensus", {"modest": {"sample_size": 4}})
     return build_config(raw)
 
 
 def world_of(cfg) -> SampledWorld:
     sizes = np.full(PEERS, 50)
-    world = build_peer_world(cfg, sizes, LocalSGD(1, 8, 0.1), 4000)
+    world = build_peer_world(cfg, sizes, LocalSGD(1, 8, 0.1), 4000, resolve(cfg))
     assert isinstance(world, SampledWorld)
     return world
 

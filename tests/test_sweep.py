@@ -115,19 +115,24 @@ def test_missing_base_names_the_file(tmp_path):
 
 
 def test_failing_run_is_recorded_and_reruns_skip_resume_and_retry(tmp_path, ray_cluster):
-    """On real Ray: G(12, 0.001) is disconnected, so that run fails (in the world model, before
-    its logger exists) while the others finish; a rerun runs nothing; a run left unfinished
-    is redone from scratch; --retry-failed reruns only the failure."""
-    path = write_sweep(tmp_path, {"grid": {"topology.kind": ["ring", "erdos_renyi", "torus"]},
-                                  "set": {"topology.erdos_renyi.p": 0.001}, "seeds": 2},
+    """On real Ray: the edge-list graph's file is gone by the time the sweep runs (every run
+    was checked at load), so that run fails (in the world model, before its logger exists)
+    while the others finish; a rerun runs nothing; a run left unfinished is redone from
+    scratch; --retry-failed reruns only the failure."""
+    edges = tmp_path / "edges.txt"
+    edges.write_text("".join(f"{i} {(i + 1) % 12}\n" for i in range(12)))
+    path = write_sweep(tmp_path, {"grid": {"topology.kind": ["ring", "edge_list", "torus"]},
+                                  "set": {"topology.edge_list.path": str(edges)}, "seeds": 2},
                        base=GOSSIP)
     sweep = load_sweep(path)
+    assert not sweep.refused
+    edges.unlink()
     logs = tmp_path / "logs"
     report = run_sweep(sweep, logs, RayRunner(1, None, None), show_progress=False)
     failed = {o.run.params["seed"]: o for o in report.failed}
     assert len(report.outcomes) == 6 and sorted(failed) == [0, 1]
-    assert all(o.run.params["topology.kind"] == "erdos_renyi" for o in failed.values())
-    assert "disconnected" in failed[0].error
+    assert all(o.run.params["topology.kind"] == "edge_list" for o in failed.values())
+    assert "edges.txt" in failed[0].error
     log_dir = logs / "sw"
     status = finished_runs(log_dir)
     assert sorted(status.values()) == ["completed"] * 4 + ["failed"] * 2
@@ -218,7 +223,8 @@ def test_dataset_reads_back_with_duckdb_and_polars(swept_logs):
 
 def test_shipped_sweeps_expand(tmp_path):
     for name, runs in [("topologies", 36), ("byzantine", 112), ("participation", 15),
-                       ("weightings", 30), ("async_vs_sync", 6)]:
+                       ("weightings", 30), ("async_vs_sync", 6),
+                       ("server_aggregation", 30)]:
         assert len(load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml").runs) == runs
 
 

@@ -16,8 +16,9 @@ from engine.core.errors import ConfigError
 from engine.core.seeds import SeedTree
 from engine.experiment import run_experiment
 from engine.loops.world import SyncWorld
+from engine.protocols.worlds import build_world
 from engine.records.logs import read_table
-from engine.resolve import build_world, resolve
+from engine.resolve import resolve
 from policies.selection import over_selection, power_of_choice
 from tests.conftest import small_config
 
@@ -42,7 +43,7 @@ def _at(value, i):
 def world_of(cfg, sizes, seeds=None) -> SyncWorld:
     hp = LocalSGD(cfg.training.local_epochs, cfg.training.batch_size, cfg.training.lr)
     assert seeds is None or seeds.seed == cfg.seed
-    return build_world(cfg, np.asarray(sizes), hp, P_BYTES)
+    return build_world(cfg, np.asarray(sizes), hp, P_BYTES, resolve(cfg))
 
 
 def test_a_round_lasts_until_its_slowest_reporting_client(tmp_path):
@@ -147,7 +148,7 @@ def async_config(tmp_path, mode, step_s, **server):
     n = len(step_s)
     return small_config(
         rounds=6, eval_every=0,
-        population={"num_clients": n, "participation": {"clients_per_round": n}},
+        population={"num_clients": n},
         training={"local_epochs": 1, "batch_size": 4096},
         devices={"path": devices_file(tmp_path, step_s)},
         server={"mode": mode, "concurrency": n, **server})
@@ -242,17 +243,18 @@ def test_lost_messages_keep_mixing_stochastic():
     """A lost message's weight stays with the receiver (row-stochastic mixing) or with the
     sender (push-sum); dead peers are identity rows."""
     from engine.core.config import FailuresConfig
-    from engine.resolve import build_network
+    from engine.protocols.worlds import build_network
     from tests.conftest import small_config
 
     alive = np.ones(12, dtype=bool)
     alive[[3, 7]] = False
     failures = FailuresConfig(message_loss=0.3, link_failure=0.1)
     for kind, axis in [("metropolis_hastings", 1), ("push_sum", 0)]:
-        net = build_network(small_config(
+        cfg = small_config(
             seed=3, mode="decentralized", population={"num_clients": 12},
             topology={"kind": "torus"}, gossip={"mixing": kind},
-            consensus="push_sum" if kind == "push_sum" else "gossip"))
+            consensus="push_sum" if kind == "push_sum" else "gossip")
+        net = build_network(cfg, resolve(cfg))
         w, events = net.faulty_mixing(2, alive, failures)
         dense = w.toarray()
         np.testing.assert_allclose(dense.sum(axis=axis), 1.0, atol=1e-12)
@@ -268,7 +270,7 @@ def test_gossip_with_crashes_and_lost_messages_logs_every_fault(tmp_path):
     """The issue's command, small: D-SGD on a ring with crash-recover peers and lost
     messages completes; the events table equals a replay of the faults."""
     from engine.core.config import build_config
-    from engine.resolve import build_network
+    from engine.protocols.worlds import build_network
     from scenarios.failures import Liveness
     from tests.conftest import small_raw
 
@@ -282,7 +284,7 @@ def test_gossip_with_crashes_and_lost_messages_logs_every_fault(tmp_path):
     result = run_experiment(cfg, INLINE, tmp_path, False)
     table = read_table(result.log_dir, "events")
     seeds = SeedTree(cfg.seed)
-    net = build_network(cfg)
+    net = build_network(cfg, resolve(cfg))
     live = Liveness(cfg.failures, 12, seeds, resolve(cfg).downtime)
     expected = []
     for r in range(cfg.rounds):
@@ -313,7 +315,7 @@ def test_the_steps_timed_are_the_steps_trained(tmp_path, world):
     t = cfg.training
     hp = LocalSGD(t.local_epochs, batch, t.lr, max_steps=t.max_local_steps,
                   min_steps=t.min_local_steps)
-    world_ = build_world(cfg, task.client_sizes, hp, P_BYTES)
+    world_ = build_world(cfg, task.client_sizes, hp, P_BYTES, resolve(cfg))
     planned = np.concatenate([world_.plan(r).steps for r in range(cfg.rounds)])
     assert logged["local_steps"].to_pylist() == planned.tolist()
     assert len(set(planned.tolist())) > 2  # the steps do vary

@@ -179,7 +179,9 @@ class SweepReport:
 def run_sweep(sweep: Sweep, log_root: Path, runner: InlineRunner | RayRunner,
               retry_failed: bool = False, show_progress: bool = True) -> SweepReport:
     """Run what is pending of `sweep` under log_root/<experiment>/; finished runs are
-    skipped (failed ones too, unless retried)."""
+    skipped (failed ones too, unless retried). A sweep with a run the engine refuses does not
+    start."""
+    sweep.check()
     start = time.perf_counter()
     todo = pending(sweep, Path(log_root) / sweep.experiment, retry_failed)
     progress = SweepProgress(len(todo), len(sweep.runs) - len(todo), show_progress)

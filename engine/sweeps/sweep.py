@@ -78,6 +78,8 @@ class RunSpec:
     config: ExperimentConfig
     params: dict[str, Any]  # column -> swept value (as written in the sweep)
     constants: dict[str, pa.Scalar]  # the same, typed for the logs
+    refused: str | None = None  # the engine's one-line reason, when it refuses the run
+    notes: tuple[str, ...] = ()  # what the engine says at start (a reduction to another rule)
 
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.params.items())
@@ -90,10 +92,24 @@ class Sweep:
     cpus_per_run: int
     columns: dict[str, str]  # column -> dotted config key
 
+    @property
+    def refused(self) -> list[RunSpec]:
+        return [run for run in self.runs if run.refused is not None]
+
+    def check(self) -> None:
+        """Refuse the whole sweep, before anything runs, if the engine refuses any run: one
+        line naming the first (`--dry-run` lists every one)."""
+        refused = self.refused
+        if refused:
+            more = f" (and {len(refused) - 1} more refused runs; --dry-run lists them)" \
+                if len(refused) > 1 else ""
+            raise ConfigError(f"sweep run [{refused[0].label()}]: {refused[0].refused}{more}")
+
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Read and expand a sweep file; `overrides` (key=value) apply to the base of every run.
-    Every run's config is validated here, before anything runs."""
+    Every run is checked here, before anything runs, as the engine prepares it (its task and
+    world built, no pools): a run the engine refuses carries the reason (`Sweep.check`)."""
     path = Path(path)
     spec = _spec(read_yaml(path), path)
     base = read_yaml((path.parent / spec.base).resolve())
@@ -190,16 +206,22 @@ def _run(base: dict[str, Any], columns: dict[str, str], types: dict[str, pa.Data
     raw = copy.deepcopy(base)
     for column, value in point.items():
         apply_override(raw, columns[column].split("."), value, CATALOG)
+    from engine.experiment import prepare
+
     label = " ".join(f"{k}={v}" for k, v in point.items())
     try:
-        cfg = build_config(raw)
-        resolve(cfg)
+        cfg = build_config(raw)  # a malformed point is a bad sweep file
     except ConfigError as err:
         raise ConfigError(f"sweep run [{label}]: {err}") from None
-    blob = json.dumps([described(cfg), point], sort_keys=True, default=str).encode()
-    run_id = hashlib.sha256(blob).hexdigest()[:16]
+    blob = json.dumps([cfg.to_dict(), point], sort_keys=True, default=str).encode()
     constants = {c: pa.scalar(_cast(point[c], types[c]), types[c]) for c in point}
-    return RunSpec(run_id, cfg, point, constants)
+    try:
+        resolve(cfg)
+        blob = json.dumps([described(cfg), point], sort_keys=True, default=str).encode()
+        notes = prepare(cfg).mode.notes
+    except ConfigError as err:  # a run the engine refuses
+        return RunSpec(hashlib.sha256(blob).hexdigest()[:16], cfg, point, constants, str(err))
+    return RunSpec(hashlib.sha256(blob).hexdigest()[:16], cfg, point, constants, notes=notes)
 
 
 def _arrow_type(values: list[Any]) -> pa.DataType:
