@@ -269,7 +269,7 @@ def check(protocol: ProtocolSpec, row_sections: Iterable[dict[str, Any]], files:
 
 def _reduced_to(note: str) -> str:
     """The rule a note says the run reduces to ("... gives aggregation=X's results")."""
-    return note.rsplit("aggregation=", 1)[-1].removesuffix("'s results")
+    return note.rsplit("aggregation=", 1)[-1].split("'s results")[0]
 
 
 @dataclass

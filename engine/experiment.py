@@ -91,13 +91,15 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
 def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTIONS,
                    log_root: Path = Path("logs"), show_progress: bool = True,
                    run_id: str | None = None,
-                   constants: dict[str, pa.Scalar] | None = None) -> RunResult:
+                   constants: dict[str, pa.Scalar] | None = None,
+                   show_notes: bool = True) -> RunResult:
     """Run one experiment (federated or decentralized) and log it under log_root/<experiment>/.
     A sweep passes the run's stable id and its swept parameters (`constants`, extra columns of
-    every table). Once its pools exist, however the run ends, its `outcomes` row says how."""
+    every table). Once its pools exist, however the run ends, its `outcomes` row says how.
+    `show_notes`: print the protocol's notes (a reduction to another rule) on stderr first."""
     pin_torch_arithmetic()  # the driver's arithmetic is the same whatever the backend
     b = prepare(cfg)
-    if show_progress:
+    if show_notes:
         for note in b.mode.notes:  # once, before the run: a reduction to another rule
             print(f"note: {note}", file=sys.stderr, flush=True)
     started = datetime.now(UTC)

@@ -214,7 +214,12 @@ class AsyncRun:
 
     def _move_control(self, kept: tuple[Dispatch, ...], dropped: set[int]) -> None:
         """SCAFFOLD's server step as updates land: c += (1/N) sum of the aggregated clients'
-        delta c_i (N: the population, as in synchronous rounds)."""
+        delta c_i (N: the population). This is SCAFFOLD's option II (Karimireddy et al., 2020,
+        "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", Algorithm 1,
+        c <- c + (1/N) sum_{i in S} delta c_i) with S the updates each server step
+        aggregates; each dispatch trains with the c of the version it was sent. No
+        asynchronous SCAFFOLD paper is followed: this form is our reading, and with one
+        client it reduces exactly to the plain run (tested)."""
         if self.control is None:
             return
         moved = [d.control for d in kept if d.seq not in dropped and d.control is not None]

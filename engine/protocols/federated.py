@@ -66,7 +66,8 @@ class Federated:
         same = on_one_update(plugins.aggregation) if batch == 1 else None
         self.notes = () if same is None else (
             f"aggregation with {protocol.label}: every server step aggregates 1 update, on "
-            f"which this chain is {same}'s: the run gives aggregation={same}'s results",)
+            f"which this chain computes what {same} does: the run gives aggregation={same}'s "
+            "results (up to float rounding)",)
         if rule.asynchronous:
             reason = synchronous_only(plugins.aggregation)
             if reason:

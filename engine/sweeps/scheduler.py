@@ -46,7 +46,8 @@ def execute_run(run: RunSpec, log_root: Path, options: RuntimeOptions) -> RunOut
     clear_run(log_dir, run.run_id)
     start = time.perf_counter()
     try:
-        result = run_experiment(run.config, options, log_root, False, run.run_id, run.constants)
+        result = run_experiment(run.config, options, log_root, False, run.run_id, run.constants,
+                                show_notes=False)  # --dry-run lists them
     except Diverged as err:  # an outcome of the simulation, recorded by run_experiment
         return RunOutcome(run, "diverged", error_line(err), math.nan, time.perf_counter() - start)
     except Exception as err:
