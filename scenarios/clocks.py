@@ -38,30 +38,57 @@ def undirected_edges(graph: Graph) -> np.ndarray:
     return np.stack([graph.src[keep], graph.dst[keep]], axis=1)
 
 
-def poisson_events(edges: np.ndarray, num_peers: int, edge_rate: float, step_rate: float,
-                   t0: float, t1: float, rng: np.random.Generator,
-                   peers: np.ndarray | None = None, kind: int = GOSSIP) -> Events:
+def poisson_events(edges: np.ndarray, num_peers: int, edge_rate: float | np.ndarray,
+                   step_rate: float | np.ndarray, t0: float, t1: float,
+                   rng: np.random.Generator, peers: np.ndarray | None = None,
+                   kind: int = GOSSIP) -> Events:
     """Every clock's ticks in [t0, t1), ordered by (time, kind, id): an exchange per edge at
     `edge_rate`, a local step per peer (of `peers`, default all) at `step_rate`. With
-    kind=WAKE, `edges` is [m, 1] peers and each one's clock is a wake-up."""
+    kind=WAKE, `edges` is [m, 1] peers and each one's clock is a wake-up. A rate is one
+    number for every clock, or one per clock ([m] edges, [len(peers)] peers: devices of
+    different speeds); the event then picks its clock in proportion to its rate."""
     peers = np.arange(num_peers) if peers is None else np.asarray(peers, dtype=np.int64)
     if not peers.size:
         return Events(np.zeros(0), np.zeros(0, np.int8), np.zeros(0, np.int64),
                       np.zeros(0, np.int64))
     num_peers = peers.size
-    edge_total, step_total = edges.shape[0] * edge_rate, num_peers * step_rate
+    m = edges.shape[0]
+    each = np.ndim(edge_rate) or np.ndim(step_rate)
+    edge_total = float(np.sum(edge_rate)) if np.ndim(edge_rate) else m * edge_rate
+    step_total = float(np.sum(step_rate)) if np.ndim(step_rate) else num_peers * step_rate
     count = rng.poisson((edge_total + step_total) * (t1 - t0))
     time = rng.uniform(t0, t1, count)
     is_gossip = rng.random(count) < edge_total / (edge_total + step_total)
     kinds = np.where(is_gossip, kind, STEP).astype(np.int8)
-    m = edges.shape[0]
-    edge_idx = rng.integers(0, max(m, 1), count)
-    peer_idx = rng.integers(0, num_peers, count)
+    if each:
+        edge_idx = _pick(np.broadcast_to(edge_rate, (m,)), count, rng)
+        peer_idx = _pick(np.broadcast_to(step_rate, (num_peers,)), count, rng)
+    else:  # equal rates: uniform picks (the draws of runs without devices, unchanged)
+        edge_idx = rng.integers(0, max(m, 1), count)
+        peer_idx = rng.integers(0, num_peers, count)
     ends = edges[edge_idx] if m else np.zeros((count, 2), dtype=np.int64)
     a = np.where(is_gossip, ends[:, 0], peers[peer_idx]).astype(np.int64)
     b = np.where(is_gossip & (kind == GOSSIP), ends[:, -1], -1).astype(np.int64)
     order = np.lexsort((np.where(is_gossip, edge_idx, peer_idx), kinds, time))
     return Events(time[order], kinds[order], a[order], b[order])
+
+
+def _pick(rates: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` clock indices, each with probability rate / total (0 where there are none)."""
+    if not rates.size:
+        rng.random(count)  # the same stream consumed either way
+        return np.zeros(count, dtype=np.int64)
+    cumulative = np.cumsum(rates, dtype=np.float64)
+    u = rng.random(count) * cumulative[-1]
+    return np.minimum(np.searchsorted(cumulative, u, side="right"), rates.size - 1)
+
+
+def device_rates(step_s: np.ndarray, message_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per peer, how much faster than the population's median peer it computes (median step
+    time / its step time) and communicates (median message time / its own: latency + one
+    message's download and upload). Clocks scale by these: a peer twice as fast steps twice
+    as often; the median peer keeps the configured rates."""
+    return (np.median(step_s) / step_s, np.median(message_s) / message_s)
 
 
 def wake_levels(events: Events, reads: list[np.ndarray], num_peers: int) -> np.ndarray:

@@ -56,3 +56,46 @@ def test_levels_are_conflict_free_and_equal_one_by_one_processing():
         batched[a] = batched[b] = (batched[a] + batched[b]) / 2
     np.testing.assert_array_equal(batched, serial)
     assert levels.max() + 1 < ev.size / 4  # real batching, not one event per level
+
+
+def test_clocks_of_different_speeds_tick_in_proportion_to_their_rates():
+    """Four peers stepping at 1, 2, 3 and 6 per unit and three edges at 1, 1 and 4, over 400
+    units: each clock's count is within 4 std of rate x 400 (std sqrt(rate x 400))."""
+    edges = np.array([[0, 1], [1, 2], [2, 3]])
+    step, edge = np.array([1.0, 2.0, 3.0, 6.0]), np.array([1.0, 1.0, 4.0])
+    ev = poisson_events(edges, 4, edge, step, 0.0, 400.0, np.random.default_rng(3))
+    steps = np.bincount(ev.a[ev.kind == STEP], minlength=4)
+    exchanges = np.bincount(ev.a[ev.kind == GOSSIP], minlength=3)[:3]
+    for counts, rates in ((steps, step), (exchanges, edge)):
+        expected = rates * 400
+        assert np.all(np.abs(counts - expected) < 4 * np.sqrt(expected)), (counts, expected)
+    assert np.all(np.diff(ev.time) >= 0)
+
+
+def test_device_rates_scale_clocks_around_the_median_peer():
+    from scenarios.clocks import device_rates
+
+    compute, comm = device_rates(np.array([0.1, 0.2, 0.4]), np.array([1.0, 1.0, 4.0]))
+    np.testing.assert_allclose(compute, [2.0, 1.0, 0.5])
+    np.testing.assert_allclose(comm, [1.0, 1.0, 0.25])
+
+
+def test_async_gossip_clocks_follow_the_devices(tmp_path):
+    """Heterogeneous step times change which peers step how often, so the run differs from
+    the one without devices; devices that are all alike give the run without devices, bit
+    for bit (the clocks keep their uniform draws)."""
+    from engine.backends.runtime import RuntimeOptions
+    from engine.experiment import run_experiment
+    from tests.conftest import small_config
+
+    def final(**devices):
+        cfg = small_config(mode="decentralized", rounds=3, eval_every=0,
+                           population={"num_clients": 12}, topology={"kind": "ring"},
+                           gossip={"mode": "async", "eval_peers": 2}, devices=devices)
+        result = run_experiment(cfg, RuntimeOptions("inline", 1), tmp_path, False)
+        return result.loop.params.numpy()
+
+    plain = final()
+    np.testing.assert_array_equal(plain, final(step_s={"kind": "constant", "value": 0.3}))
+    skewed = final(step_s={"kind": "lognormal", "median": 0.05, "sigma": 1.5})
+    assert not np.array_equal(plain, skewed)

@@ -46,6 +46,7 @@ from scenarios.clocks import (
     WAKE,
     Events,
     conflict_free_levels,
+    device_rates,
     poisson_events,
     undirected_edges,
     wake_levels,
@@ -152,7 +153,10 @@ class AsyncGossipUnits:
     with push-sum pushes shares of its own (a push), or with CHOCO-SGD publishes its
     compressed difference and steps on its neighbours' public copies. Every unit steps the
     world: who is up (crashes, churn) and online (availability); links down and lost
-    messages as in a synchronous round."""
+    messages as in a synchronous round. Devices set the clocks' speeds: a peer's step clock
+    runs at step_rate x (median step time / its step time), its wake-up clock and its edges'
+    exchange clocks at the rate x (median message time / its own, the slower end's for an
+    edge), a message's time being latency + one message down and up."""
 
     def __init__(self, setup: GossipSetup, rates: Rates, pools: Pools, world: PeerWorld,
                  evaluator: Evaluator, logger: RunLogger, pairwise: bool,
@@ -165,6 +169,15 @@ class AsyncGossipUnits:
         self.reads: list[np.ndarray] = []  # wake-ups: whom each peer's wake-up touches
         # a woken peer sends to its out-neighbours (push-sum's shares, or CHOCO's q_i)
         self.broadcast = column_stochastic(world.network.mixing_fn) or compressed
+        d = world.devices
+        message_s = d.latency_s + world.model_bytes / d.down_bps + world.model_bytes / d.up_bps
+        # devices of different speeds: each clock scaled by its peer's (an edge's slower end's)
+        self.compute, self.comm = device_rates(d.step_s, message_s)
+
+    def _rates(self, rate: float, factor: np.ndarray) -> float | np.ndarray:
+        """A clock rate per peer (or edge): `rate` scaled by its device factor; one number
+        when every device is alike (the same draws as a run without devices)."""
+        return rate if np.all(factor == 1) else rate * factor
 
     def step(self, r: int, last: bool) -> Round:
         t0, n, seeds = time.perf_counter(), int(self.pools.bounds[-1]), self.setup.seeds
@@ -180,8 +193,13 @@ class AsyncGossipUnits:
             if self.world.failures.link_failure:
                 graph, down = drop_links(graph, self.world.failures.link_failure,
                                          seeds.rng("link_failure", r))
-            events = poisson_events(undirected_edges(graph), n, rates.edge, rates.step,
-                                    float(r), float(r + 1), rng, peers)
+            edges = undirected_edges(graph)
+            stepping = np.arange(n) if peers is None else peers
+            events = poisson_events(
+                edges, n, self._rates(rates.edge, np.minimum(self.comm[edges[:, 0]],
+                                                             self.comm[edges[:, 1]])),
+                self._rates(rates.step, self.compute[stepping]), float(r), float(r + 1), rng,
+                peers)
             events, lost = _lost_exchanges(events, self.world.failures.message_loss,
                                            seeds.rng("message_loss", r))
             stats = async_unit(self.pools, events, self.shift)
@@ -191,7 +209,8 @@ class AsyncGossipUnits:
             w, lost = (self.network.mixing(r), FaultEvents.concat([])) if peers is None and \
                 not self.world.faults else self.network.faulty_mixing(r, online,
                                                                       self.world.failures)
-            events = poisson_events(ids[:, None], n, rates.wake, rates.step, float(r),
+            events = poisson_events(ids[:, None], n, self._rates(rates.wake, self.comm[ids]),
+                                    self._rates(rates.step, self.compute[ids]), float(r),
                                     float(r + 1), rng, ids, kind=WAKE)
             push = column_stochastic(self.network.mixing_fn)
             stats = wake_unit(self.pools, events, w, self.shift, push)

@@ -144,12 +144,13 @@ class PeerWorld:
     def __init__(self, network: Network, failures: FailuresConfig, liveness: Liveness,
                  availability: Availability, selection: Selection, k: int | None,
                  devices: Devices, hp: LocalSGD, sizes: np.ndarray, seeds: SeedTree,
-                 model_bytes: int, gossip_steps: int, deadline_s: float | None,
+                 message_bytes: int, gossip_steps: int, deadline_s: float | None,
                  faults: bool) -> None:
         self.network, self.failures, self.liveness = network, failures, liveness
         self.availability, self.selection, self.k = availability, selection, k
         self.devices, self.hp, self.sizes, self.seeds = devices, hp, sizes, seeds
-        self.model_bytes, self.gossip_steps, self.deadline_s = model_bytes, gossip_steps, \
+        # one gossip message: a model, or a compressed difference (CHOCO); MoDeST's whole models
+        self.model_bytes, self.gossip_steps, self.deadline_s = message_bytes, gossip_steps, \
             deadline_s
         self.faults, self.n = faults, network.n
         self.losses = np.full(self.n, np.inf)

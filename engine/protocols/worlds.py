@@ -7,7 +7,7 @@ from __future__ import annotations
 from engine.core.config import ExperimentConfig
 from engine.core.seeds import SeedTree
 from engine.loops.sampling import SampledWorld
-from engine.loops.world import PeerWorld, SyncWorld
+from engine.loops.world import PeerWorld, SyncWorld, upload_bytes
 from engine.protocols.base import Plugins
 from scenarios.devices import build_devices
 from scenarios.failures import Liveness, peer_faults_configured
@@ -17,7 +17,7 @@ from scenarios.population import clients_per_round
 
 def build_network(cfg: ExperimentConfig, plugins: Plugins) -> Network:
     """The peers' network over rounds (topology, mixing, redraws, outages)."""
-    plugins, t = plugins, cfg.topology
+    t = cfg.topology
     return Network(plugins.topology, plugins.mixing, cfg.population.num_clients,
                    SeedTree(cfg.seed), label=t.kind, redraw=t.dynamic == "redraw",
                    allow_disconnected=t.allow_disconnected, outages=t.outages)
@@ -26,7 +26,7 @@ def build_network(cfg: ExperimentConfig, plugins: Plugins) -> Network:
 def build_world(cfg: ExperimentConfig, client_sizes, hp, model_bytes: int,
                 plugins: Plugins) -> SyncWorld:
     """The world of a federated run: availability, selection, devices, liveness."""
-    plugins, n, seeds = plugins, cfg.population.num_clients, SeedTree(cfg.seed)
+    n, seeds = cfg.population.num_clients, SeedTree(cfg.seed)
     return SyncWorld(cfg, client_sizes, hp, model_bytes, seeds, plugins.availability,
                      plugins.selection, build_devices(plugins.devices, cfg.devices.path, n, seeds),
                      Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor)
@@ -36,13 +36,15 @@ def build_peer_world(cfg: ExperimentConfig, sizes, hp, model_bytes: int,
                      plugins: Plugins) -> PeerWorld | SampledWorld:
     """The world of a decentralized run: the network, liveness, availability, selection of
     the peers that train, devices, a deadline (the same world models as a federated run);
-    with a sampling protocol (MoDeST), its rounds planned over that world."""
-    plugins, n, seeds = plugins, cfg.population.num_clients, SeedTree(cfg.seed)
+    with a sampling protocol (MoDeST), its rounds planned over that world. A gossip message
+    is the compressor's size of the model (CHOCO sends compressed differences)."""
+    n, seeds = cfg.population.num_clients, SeedTree(cfg.seed)
     world = PeerWorld(build_network(cfg, plugins), cfg.failures,
                       Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.availability,
                       plugins.selection, clients_per_round(cfg.population),
                       build_devices(plugins.devices, cfg.devices.path, n, seeds), hp, sizes,
-                      seeds, model_bytes, cfg.gossip.steps, cfg.selection.deadline_s,
+                      seeds, upload_bytes(plugins.compressor, model_bytes), cfg.gossip.steps,
+                      cfg.selection.deadline_s,
                       peer_faults_configured(cfg.failures))
     sampling = plugins.consensus.sampling
     return world if sampling is None else SampledWorld(world, sampling, cfg.failures)
