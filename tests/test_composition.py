@@ -35,7 +35,17 @@ COMBINATIONS = {
         "population.availability.kind=bernoulli", "training.compression.kind=topk"]),
     "gossip+devices": ("gossip_ring", ["devices.latency_s.value=0.2",
                                        "devices.up_bps.value=100000"]),
+    "async_gossip+monna+momentum": ("gossip_async", ["consensus=monna",
+                                                     "training.momentum=0.9"]),
+    "gossip+lognormal_devices": ("gossip_ring", [
+        "devices.step_s.kind=lognormal", "devices.step_s.median=0.05",
+        "devices.step_s.sigma=1.5"]),
+    "async_gossip+lognormal_devices": ("gossip_async", [
+        "devices.step_s.kind=lognormal", "devices.step_s.median=0.05",
+        "devices.step_s.sigma=1.5"]),
 }
+# where the setting changes only the clock (a synchronous round waits for its slowest peer)
+SAME_MODEL = {"gossip+devices", "gossip+lognormal_devices"}
 SHORT = ["rounds=4", "eval_every=2"]
 COLUMNS = ["round", "num_updates", "test_accuracy", "consensus_distance", "virtual_time",
            "gossip_messages", "bytes_communicated"]
@@ -59,6 +69,29 @@ def test_combination_runs_and_matches_on_ray(name, tmp_path, ray_cluster):
     np.testing.assert_array_equal(inline.loop.params.numpy(), ray.loop.params.numpy())
     vtime = rows["virtual_time"].to_pylist()
     assert all(v is not None and v > 0 for v in vtime)  # every protocol keeps a clock
+
+
+@pytest.mark.parametrize("config", sorted({c for c, _ in COMBINATIONS.values()}))
+def test_each_setting_changes_what_it_should_against_the_plain_run(config, tmp_path):
+    """Against the shipped config as it stands: every combination's model differs, except
+    where the setting only moves the clock (devices under synchronous gossip), and there the
+    virtual time does."""
+    def run(overrides, name):
+        cfg = load_config(ROOT / "configs" / f"{config}.yaml", [*overrides, *SHORT])
+        result = run_experiment(cfg, RuntimeOptions("inline", 1), tmp_path / name, False)
+        vtime = read_table(result.log_dir, "rounds")["virtual_time"].to_pylist()
+        return result.loop.params.numpy(), max(vtime)
+
+    plain, plain_time = run([], "plain")
+    for name, (base, overrides) in COMBINATIONS.items():
+        if base != config:
+            continue
+        params, vtime = run(overrides, name)
+        if name in SAME_MODEL:
+            np.testing.assert_array_equal(params, plain)
+            assert vtime != plain_time, name
+        else:
+            assert not np.array_equal(params, plain), name
 
 
 def test_power_of_choice_dispatches_other_clients_than_uniform_under_fedbuff(tmp_path):

@@ -207,3 +207,10 @@ def test_a_sweep_names_each_refused_run_at_dry_run_and_does_not_start(tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "and 2 more refused runs" in run.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_accepted_as_it_stands(path):
+    """The engine prepares every shipped config (its task, world and protocol's runner)
+    without a refusal: a config that only fails when run is caught here."""
+    prepare(load(path))
