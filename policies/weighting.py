@@ -114,7 +114,8 @@ def fisher_merge(floor: Annotated[float, Field(gt=0)] = 1e-6,
     this stage (engine/compute/training.py, DiagonalFisher)."""
 
     def reduce(u: Updates) -> torch.Tensor:
-        deltas = stack(u, "fisher_merge").double()
+        raw = stack(u, "fisher_merge")
+        deltas = raw.double()
         fisher = _column(u, "fisher", "fisher_merge").double()
         c = u.weights.double()
         if normalize:
@@ -123,7 +124,7 @@ def fisher_merge(floor: Annotated[float, Field(gt=0)] = 1e-6,
         coef = c[:, None] * fisher.clamp(min=floor)
         total = coef.sum(dim=0)
         step = torch.where(total > 0, (coef * deltas).sum(dim=0) / total.clamp(min=1e-300), 0.0)
-        return step.float()
+        return step.to(raw.dtype)
 
     return stateless(reduce)
 

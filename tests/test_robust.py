@@ -16,7 +16,9 @@ from policies.robust import (
     coordinate_median,
     geometric_median,
     krum,
+    krum_scores,
     multi_krum,
+    rank,
     trimmed_mean,
 )
 from policies.transforms import bucketing, clip_per_client, nnm
@@ -172,3 +174,98 @@ def test_chunking_changes_nothing_but_rounding(rule):
     with parallel.chunk_map(parallel.serial_map, chunk_columns=7):
         chunked = run(rule(), u)[0]
     assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def _float64_updates(k: int, p: int, seed: int, ids=None):
+    g = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(k, p, generator=g, dtype=torch.float64)
+    u = updates(deltas.tolist(), torch.randint(1, 50, (k,), generator=g).tolist(), ids)
+    return u._replace(deltas=deltas, fisher=deltas.square() + 0.01)
+
+
+def krum_reference(x: np.ndarray, f: int, m: int, ids: np.ndarray) -> np.ndarray:
+    """(Multi-)Krum on the vectors in float64: scores from direct squared distances, ties to
+    the lower client id."""
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    scores = np.sort(d, axis=1)[:, : max(len(x) - f - 2, 1)].sum(1)
+    order = np.lexsort((ids, scores))
+    return x[order[:m]].mean(0)
+
+
+def weiszfeld_reference(x: np.ndarray, a: np.ndarray, iterations: int, nu: float):
+    a = a / a.sum()
+    z = a @ x
+    for _ in range(iterations):
+        b = a / np.maximum(nu, np.linalg.norm(x - z, axis=1))
+        z = (b / b.sum()) @ x
+    return z
+
+
+def test_reductions_compute_in_their_inputs_dtype_and_match_float64_references():
+    """Every reduction returns float64 for float64 input, and independent float64 references
+    (the rules written directly on the vectors) match to 1e-12."""
+    u = _float64_updates(11, 30, seed=5)
+    x, ids = u.deltas.numpy(), u.client_ids.numpy()
+    a = u.weights.double().numpy()
+    for agg, reference in [
+            (krum(f=2), krum_reference(x, 2, 1, ids)),
+            (multi_krum(f=2, m=4), krum_reference(x, 2, 4, ids)),
+            (bulyan(f=2), bulyan_reference(x, 2)),
+            (geometric_median(iterations=12, nu=1e-9), weiszfeld_reference(x, a, 12, 1e-9)),
+            (coordinate_median(), np.median(x, axis=0)),
+            (trimmed_mean(trim=0.2), scipy.stats.trim_mean(x, 0.2, axis=0))]:
+        got = run(agg, u)[0]
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), reference, rtol=0, atol=1e-12)
+    for agg in (centered_clipping(tau=1.0), flag_aggregator()):
+        out = agg.update(u, agg.init(torch.zeros(30, dtype=torch.float64)))[0]
+        assert out.dtype == torch.float64
+    from policies.weighting import fisher_merge
+
+    fisher = u.fisher.numpy()
+    c = a / np.linalg.norm(fisher, axis=1)
+    coef = c[:, None] * np.maximum(fisher, 1e-6)
+    got = run(fisher_merge(), u)[0]
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), (coef * x).sum(0) / coef.sum(0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_ties_go_to_the_lower_client_id_in_any_row_order(seed):
+    """Two clients send the same update (an exact tie in every score); Krum picks the lower
+    id of the two whatever the row order, and Multi-Krum and Bulyan select the same set."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(7, 6))
+    base[4] = base[1]  # an exact duplicate: the best-scored pair, tied
+    base[[0, 2, 3, 5, 6]] *= 4.0  # the others far apart
+    ids = rng.permutation(np.arange(100, 107))
+    tied = sorted([ids[1], ids[4]])
+    for _ in range(4):
+        order = rng.permutation(7)
+        u = updates(base[order].tolist(), [1] * 7, ids[order].tolist())
+        picked = run(krum(f=1), u)[0].numpy()
+        np.testing.assert_array_equal(picked, base[1].astype(np.float32))
+        g = parallel.gram(u.deltas)
+        assert torch.equal(g, g.T)
+        scores = krum_scores(parallel.squared_distances(g), 1)
+        best = rank(scores, u.client_ids)[0]
+        assert int(u.client_ids[best]) == tied[0]
+        assert torch.equal(run(bulyan(f=1), u)[0],
+                           run(bulyan(f=1), updates(base.tolist(), [1] * 7, ids.tolist()))[0])
+
+
+def test_an_asymmetric_gram_chunk_is_made_symmetric(monkeypatch):
+    """A BLAS may compute G_ij and G_ji in different orders; gram() returns (G + G^T) / 2,
+    exactly symmetric, so the distances and Krum's ties do not depend on it."""
+    def skewed(chunk):
+        c = chunk.double()
+        g = c @ c.T
+        return g + torch.triu(torch.full_like(g, 1e-13), diagonal=1)
+
+    monkeypatch.setattr(parallel, "_chunk_gram", skewed)
+    x = torch.randn(6, 40, dtype=torch.float64)
+    g = parallel.gram(x)
+    assert torch.equal(g, g.T)
+    d = parallel.squared_distances(g)
+    assert torch.equal(d, d.T)

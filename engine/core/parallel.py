@@ -72,12 +72,14 @@ def _chunk_gram(chunk: torch.Tensor) -> torch.Tensor:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """x @ x.T [K, K] in float64, summed over column chunks in order."""
+    """x @ x.T [K, K] in float64, summed over column chunks in order, made exactly
+    symmetric: (G + G^T) / 2. A BLAS may compute G_ij and G_ji in different orders (seen with
+    MKL's AVX2 path); distances, Krum scores and their ties must not depend on it."""
     parts = _MAP.get()(_chunk_gram, x, spans(x.shape[1]))
     total = parts[0].clone()
     for part in parts[1:]:
         total += part
-    return total
+    return (total + total.T) / 2
 
 
 def squared_distances(g: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,8 @@ def squared_distances(g: torch.Tensor) -> torch.Tensor:
 
 
 class _Combine:
-    """coeffs @ chunk in float64, cast back to float32 (a picklable closure for Ray tasks).
+    """coeffs @ chunk in float64, cast back to the chunk's dtype (a picklable closure for Ray
+    tasks).
     Rows whose coefficients are all zero are left out, not multiplied: 0 * inf would make a
     rule that excluded a non-finite row return NaN."""
 
@@ -100,9 +103,10 @@ class _Combine:
 
     def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
         rows = chunk if self.rows is None else chunk[self.rows]
-        return (self.coeffs @ rows.double()).float()
+        return (self.coeffs @ rows.double()).to(chunk.dtype)
 
 
 def combine(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """coeffs [M, K] (or [K]) times x [K, P]: weighted combinations of the rows, float32."""
+    """coeffs [M, K] (or [K]) times x [K, P]: weighted combinations of the rows, in x's
+    dtype."""
     return columnwise(_Combine(coeffs), x)
