@@ -112,9 +112,17 @@ def _batch_loss(model: nn.Module, spec: ParamSpec):
     def loss(flat, x, y, mask):
         logits = functional_call(model, spec.unflatten(flat), (x,))
         per_sample = F.cross_entropy(logits, y, reduction="none")
-        return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
+        return torch.where(mask > 0, per_sample, 0.0).sum() / mask.sum().clamp(min=1.0)
 
     return loss
+
+
+def _padded_as_zeros(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+    """A step's batches [C, B, ...] with the padding rows (mask False) set to zero inputs and
+    label 0. Padding is the pool's row 0, which depends on the pool layout: near overflow its
+    loss could be inf in one layout only, and inf * 0 is NaN. Zeros are the same everywhere."""
+    keep = mask.view(*mask.shape, *([1] * (x.dim() - 2)))
+    return torch.where(keep, x, 0.0), torch.where(mask, y, 0)
 
 
 class VmapExecutor:
@@ -139,7 +147,8 @@ class VmapExecutor:
         loss_sum = torch.zeros(plan.shape[0])
         for t in range(plan.shape[1]):
             weights.requires_grad_(True)
-            losses = self._losses(weights, x[rows[:, t]], y[rows[:, t]], mask[:, t].float())
+            xb, yb = _padded_as_zeros(x[rows[:, t]], y[rows[:, t]], mask[:, t])
+            losses = self._losses(weights, xb, yb, mask[:, t].float())
             (grads,) = torch.autograd.grad(losses.sum(), weights)
             if correction is not None:
                 grads = grads + correction

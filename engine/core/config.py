@@ -351,6 +351,9 @@ class ExperimentConfig(_Strict):
     rounds: int = Field(20, ge=1, le=10**8)
     eval_every: int = Field(5, ge=0, le=10**8,
                             description="rounds between evaluations; 0: last round only")
+    diverge_after: int = Field(3, ge=0, le=10**8,
+                               description="rounds in a row in which every update was dropped "
+                               "as non-finite that end the run as diverged; 0: never")
     task: TaskConfig = TaskConfig()
     partition: PartitionConfig = PartitionConfig()
     population: PopulationConfig = PopulationConfig()

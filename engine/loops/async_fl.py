@@ -59,6 +59,7 @@ class AsyncSetup:
     adversary: Adversary | None = None
     scaffold: bool = False  # SCAFFOLD: control variates per version, moved as updates land
     privacy: Accountant | None = None  # dp_gaussian: epsilon after a client's n-th step
+    dead_rounds: int = 0  # all-dropped rounds in a row that end the run as diverged
 
 
 class AsyncRun:
@@ -317,9 +318,10 @@ class AsyncServer:
             if made:
                 run.version_slot = run.slot
                 used = [d for d, status, *_ in run.rows if status == COMPLETED]
+                dropped = sum(status == NONFINITE for _, status, *_ in run.rows)
                 losses = np.array([d.loss for d in used])
                 return Round(len(used), float(losses.mean()) if losses.size else MISSING,
-                             time.perf_counter() - start, 0.0)
+                             time.perf_counter() - start, 0.0, dropped)
         return None
 
     def evaluate(self, r: int) -> Scores:
@@ -339,7 +341,7 @@ def async_rounds(setup: AsyncSetup, pools: Pools, params: torch.Tensor, evaluato
                  logger: RunLogger, progress: RoundProgress) -> LoopResult:
     """Run events until `rounds` model versions exist; log one rounds row per version."""
     loop = AsyncServer(setup, pools, params, evaluator, logger)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
 
 
 STALL_SLOTS = 10_000

@@ -260,7 +260,7 @@ def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, world: Pe
                        pairwise: bool = True, compressed: bool = False) -> LoopResult:
     loop = AsyncGossipUnits(setup, rates, pools, world, evaluator, logger, pairwise,
                             compressed)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
 
 
 def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events,

@@ -41,6 +41,7 @@ class GossipSetup:
     byzantine: np.ndarray  # sorted ids
     world: PeerWorld  # who is online, who trains, the round's W, how long it lasts
     model_bytes: int = 0  # bytes of one gossip message (a model, or a compressed difference)
+    dead_rounds: int = 0  # all-dropped rounds in a row that end the run as diverged
 
 
 def pool_imports(w: sparse.csr_matrix, bounds: np.ndarray) -> list[list[np.ndarray]]:
@@ -217,7 +218,7 @@ def decentralized_rounds(setup: GossipSetup, pools: Pools, network: Network,
                          evaluator: Evaluator, logger: RunLogger,
                          progress: RoundProgress) -> LoopResult:
     loop = GossipRounds(setup, pools, network, evaluator, logger)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
 
 
 def peer_models(pools: Pools, ids: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ class FederatedSetup:
     adversary: Adversary | None = None
     scaffold: bool = False  # keep SCAFFOLD's server control variate and send it each round
     privacy: Accountant | None = None  # central DP: epsilon after r rounds
+    dead_rounds: int = 0  # all-dropped rounds in a row that end the run as diverged
 
 
 class FederatedRounds:
@@ -71,7 +72,7 @@ class FederatedRounds:
             self.control = _scaffold_control(self.control, results, self.setup.world.num_clients)
         self.last = (plan, results, updates, byzantine)
         return Round(updates.num_clients, _weighted(updates.losses, updates.weights), t1 - t0,
-                     time.perf_counter() - t1)
+                     time.perf_counter() - t1, int(dropped.size))
 
     def evaluate(self, r: int) -> Scores:
         return Scores(*self.evaluator(self.params))
@@ -95,7 +96,7 @@ def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator
                      params: torch.Tensor, evaluator: Evaluator, logger: RunLogger,
                      progress: RoundProgress) -> LoopResult:
     loop = FederatedRounds(setup, pools, aggregator, params, evaluator, logger)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
 
 
 class Accountant:

@@ -8,7 +8,9 @@ summary. A protocol supplies what one round does:
     evaluate(r)        (test loss, test accuracy) of the protocol's model
     record(r, round, scores, timing)
                        append round r's rows to the logger
-    check(r)           raise Diverged if a model is no longer finite
+    check(r)           raise Diverged if a model is no longer finite (the skeleton also ends
+                       the run as diverged on a non-finite evaluated loss, or after
+                       `dead_rounds` rounds in a row whose every update was dropped)
     model()            the final model (global, or the peers' mean)
 """
 
@@ -21,6 +23,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from engine.core.errors import Diverged
 from engine.records.logs import MISSING
 from engine.records.progress import RoundProgress
 
@@ -29,6 +32,7 @@ from engine.records.progress import RoundProgress
 class Schedule:
     rounds: int
     eval_every: int  # 0: the last round only
+    dead_rounds: int = 0  # rounds in a row with every update dropped that end the run; 0: never
 
     def due(self, r: int) -> bool:
         """Evaluate after round r: every `eval_every` rounds, and always after the last."""
@@ -42,6 +46,7 @@ class Round(NamedTuple):
     train_loss: float | None
     train_s: float  # wall seconds training (with gossip, for peers)
     aggregate_s: float  # wall seconds aggregating (consensus sums, merge)
+    dropped: int = 0  # updates dropped for a NaN or inf
 
 
 class Scores(NamedTuple):
@@ -99,7 +104,7 @@ class LoopResult:
 
 def run_rounds(loop: RoundLoop, schedule: Schedule, progress: RoundProgress) -> LoopResult:
     """Round after round until the schedule's last (or the loop has nothing left to do)."""
-    accuracies, updates, start, done = [], 0, time.perf_counter(), 0
+    accuracies, updates, start, done, dead = [], 0, time.perf_counter(), 0, 0
     for r in range(schedule.rounds):
         t0 = time.perf_counter()
         step = loop.step(r, r == schedule.rounds - 1)
@@ -114,7 +119,21 @@ def run_rounds(loop: RoundLoop, schedule: Schedule, progress: RoundProgress) -> 
         progress.update(scores.accuracy, step.train_loss, step.updates / max(timing.round_s,
                                                                                1e-9))
         loop.check(r)
+        dead = dead + 1 if step.dropped and not step.updates else 0
+        _check_alive(r, scores, dead, schedule.dead_rounds)
     evaluated = [a for a in accuracies if a is not MISSING] or [math.nan]
     return LoopResult(loop.model(), done, evaluated[-1], max(evaluated),
                       time.perf_counter() - start, updates,
                       getattr(loop, "consensus_distance", None))
+
+
+def _check_alive(r: int, scores: Scores, dead: int, bound: int) -> None:
+    """A finite model can still be dead: its evaluated loss overflows, or every update it
+    produces overflows and is dropped. Either ends the run as diverged (after the round's
+    rows are logged), with one line naming the round."""
+    if scores.loss is not MISSING and scores.loss is not None and not math.isfinite(
+            scores.loss):
+        raise Diverged(f"the test loss is {scores.loss} after round {r}")
+    if bound and dead >= bound:
+        raise Diverged(f"every update was dropped as non-finite in rounds {r - dead + 1}-{r} "
+                       f"({dead} in a row; diverge_after={bound})")

@@ -96,13 +96,15 @@ class Federated:
             setup = AsyncSetup(cfg.rounds, cfg.eval_every, seeds, self.plugins.server,
                                self.aggregator, cfg.server.concurrency, world,
                                cfg.population.availability.slot_s, adversary,
-                               cfg.training.scaffold, _accountant(cfg, self.plugins))
+                               cfg.training.scaffold, _accountant(cfg, self.plugins),
+                               cfg.diverge_after)
             return async_rounds(setup, pools, params, evaluator, logger, progress)
         # attackers replace updates after training: pools must then ship every delta
         pre_reduce = pools_may_reduce(self.plugins.aggregation) and (
             adversary is None or adversary.attack.corrupt is None)
         setup = FederatedSetup(cfg.rounds, cfg.eval_every, seeds, pre_reduce, world, adversary,
-                               cfg.training.scaffold, _accountant(cfg, self.plugins))
+                               cfg.training.scaffold, _accountant(cfg, self.plugins),
+                               cfg.diverge_after)
         return federated_rounds(setup, pools, self.aggregator, params, evaluator, logger,
                                 progress)
 

@@ -72,7 +72,8 @@ class Peers:
         model_bytes = params.numel() * params.element_size()
         return GossipSetup(self.cfg.rounds, g.steps, self.cfg.eval_every, g.eval_peers,
                            g.final_merge, seeds, byzantine_ids(adversary), world,
-                           upload_bytes(self.plugins.compressor, model_bytes))
+                           upload_bytes(self.plugins.compressor, model_bytes),
+                           self.cfg.diverge_after)
 
     def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world):
         return decentralized_rounds(self.setup(params, seeds, adversary, world), pools,
