@@ -42,7 +42,7 @@ def run_command(argv: list[str]) -> int:
     cfg = load(args.config, args.overrides)  # every plugin resolved, before Ray starts
     from engine.records.logs import check_log_dir
 
-    check_log_dir(Path(args.log_dir))
+    check_log_dir(Path(args.log_dir), cfg.experiment)  # nothing is created before it runs
     from engine.backends.runtime import RuntimeOptions
     from engine.experiment import run_experiment
 
@@ -129,7 +129,7 @@ def sweep_command(argv: list[str]) -> int:
     sweep = load_sweep(args.sweep, args.overrides)  # every run checked before Ray starts
     from engine.records.logs import check_log_dir
 
-    log_dir = check_log_dir(Path(args.log_dir)) / sweep.experiment
+    log_dir = check_log_dir(Path(args.log_dir), sweep.experiment) / sweep.experiment
     if args.dry_run:
         return _list_runs(sweep, log_dir)
     sweep.check()  # a refused run stops the sweep before the first run starts
@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rows already flushed are kept in the log directory", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, a log folder removed under the run, ...
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}{where}; "
+              "rows already flushed are kept in the log directory", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

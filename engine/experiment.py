@@ -130,8 +130,13 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
         progress.close()
         logger.append(outcome_row(status, error, logger.count(RoundRows),
                                   time.perf_counter() - clock))
-        logger.flush()
-        pools.close()
+        try:
+            logger.flush()  # on a full disk, the outcome row where it still fits
+        except OSError:
+            if status == "completed":  # else the run's own error is already on its way
+                raise
+        finally:
+            pools.close()
     return RunResult(run_id, log_dir, loop)
 
 

@@ -23,6 +23,7 @@ from engine.core.errors import SHOWN_CHARS, ConfigError, shown
 MAX_CONFIG_BYTES = 1 << 20  # config and sweep files over 1 MiB are refused before parsing
 MAX_OVERRIDE_CHARS = 1 << 16  # a `key=value` argument over 64 KiB is refused before parsing
 MAX_DEPTH = 32  # YAML nesting deeper than this is refused while composing
+MAX_VALUES = 100_000  # a config expanding (through YAML aliases) to more values is refused
 FLOAT32_MAX = 3.4028234663852886e38  # configs feed float32 arithmetic: larger values overflow
 INT64_MAX = 2**63 - 1
 EXPERIMENT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # one path component: no "..", no "/"
@@ -74,6 +75,33 @@ def _yaml(text: str):
             raise
         raise ConfigError(f"not a usable value: {' '.join(str(err).split())[:SHOWN_CHARS]}"
                           ) from None
+
+
+def check_structure(raw: Any, where: str = "config") -> None:
+    """A parsed config is a finite tree: no value contains itself (a recursive YAML alias,
+    `&a [*a]`), and with aliases expanded it has at most MAX_VALUES values (a "billion laughs"
+    file of nested aliases is a few hundred bytes). Walked iteratively, stopping at the
+    bound, so neither case costs more than MAX_VALUES steps."""
+    stack: list[tuple[Any, str, frozenset[int]]] = [(raw, "", frozenset())]
+    seen = 0
+    while stack:
+        node, path, ancestors = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_VALUES:,} values (nested "
+                              "YAML aliases?)")
+        if not isinstance(node, dict | list):
+            continue
+        if id(node) in ancestors:
+            at = ": ".join(part for part in (where if where != "config" else "", path) if part)
+            raise ConfigError(f"{at or where}: a recursive YAML alias (a value that contains "
+                              "itself)")
+        inner = ancestors | {id(node)}
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            child = f"{path}.{key}" if isinstance(node, dict) and path else (
+                str(key) if isinstance(node, dict) else f"{path}[{key}]")
+            stack.append((value, child, inner))
 
 
 def check_numbers(raw: Any, where: str = "") -> None:
@@ -398,6 +426,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {shown(text)}: expected key=value with a dotted key")
     try:
         value = _yaml(raw) if raw else ""
+        check_structure(value)
     except yaml.YAMLError:
         value = raw
     except ConfigError as err:
@@ -470,6 +499,7 @@ def _error_line(err: ValidationError) -> str:
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    check_structure(raw)
     check_numbers(raw)
     try:
         return ExperimentConfig.model_validate(raw)
@@ -496,6 +526,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
     if raw is None:
         raise ConfigError(f"{path}: the file is empty (a config is a mapping of keys)")
+    check_structure(raw, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     return raw

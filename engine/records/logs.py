@@ -243,11 +243,21 @@ class RunLogger:
         return self._counts.get(kind, 0)
 
     def flush(self) -> None:
-        for kind, (name, _) in TABLES.items():  # TABLES order: rounds last
+        """Write every table's pending rows (TABLES order: rounds, then outcomes, last). A
+        table that cannot be written (a full disk) does not stop the others: the outcome row
+        still gets its chance; the first error is raised after."""
+        failed: OSError | None = None
+        for kind, (name, _) in TABLES.items():
             if self._pending.get(kind):
-                self._write(name, pa.Table.from_batches([to_batch(_joined(self._pending[kind]))]))
+                try:
+                    self._write(name, pa.Table.from_batches(
+                        [to_batch(_joined(self._pending[kind]))]))
+                except OSError as err:
+                    failed = failed or err
         self._pending.clear()
         self._last_flush = time.monotonic()
+        if failed is not None:
+            raise failed
 
     def _write(self, name: str, table: pa.Table) -> None:
         for column, value in self.constants.items():
@@ -258,25 +268,38 @@ class RunLogger:
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"part-{self._seq:06d}.parquet"
         tmp = folder / f".{final.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
         self._seq += 1
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no partial file is left for readers to trip on
+            raise
 
 
-def check_log_dir(root: Path) -> Path:
-    """`root` as a directory this process can write into, created if missing; a ConfigError
-    line (before anything starts) if it is a file or cannot be created or written."""
+def check_log_dir(root: Path, experiment: str | None = None) -> Path:
+    """`root` (and the experiment's folder in it) as places this process can write, checked
+    without creating anything, so that a run refused later leaves nothing behind: each is an
+    existing writable directory, or can be created in its nearest existing ancestor. One
+    ConfigError line otherwise. Returns root (the logger creates the folders)."""
     root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"--log-dir {root}: exists and is not a directory") from None
-    except OSError as err:
-        raise ConfigError(f"--log-dir {root}: cannot create it ({err.strerror})") from None
-    if not root.is_dir():
-        raise ConfigError(f"--log-dir {root}: exists and is not a directory")
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"--log-dir {root}: not writable")
+    for path, label in [(root, f"--log-dir {root}"),
+                        *([(root / experiment, f"the experiment folder {root / experiment}")]
+                          if experiment else [])]:
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"{label}: exists and is not a directory")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"{label}: not writable")
+            continue
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{label}: cannot create it ({parent} is not a directory)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{label}: cannot create it ({parent} is not writable)")
+        break  # what is below a folder still to create can be created too
     return root
 
 
