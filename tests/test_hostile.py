@@ -33,7 +33,8 @@ from tests.conftest import ROOT, small_raw
     ("a: &a [*a]\nrounds: 3\n", "a[0]: a recursive YAML alias"),
     ("task: &t {model: *t}\n", "task.model: a recursive YAML alias"),
     ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdef", "bcdefg")),
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n"
+        for p, c in zip("abcdef", "bcdefg", strict=True)),
      "expands to more than 100,000 values"),
 ])
 def test_hostile_files_are_one_line_config_errors(tmp_path, text, message):
@@ -94,7 +95,7 @@ def test_hostile_command_lines_exit_2_before_anything_runs(tmp_path, case):
         (tmp_path / "f").write_text("a file")
         logs = tmp_path / "f" / "logs"
     laughs = "&a [1,1,1,1,1,1,1,1,1,1]" + "".join(f",&{c} [{','.join(['*' + p] * 10)}]"
-                                                   for p, c in zip("abcdef", "bcdefg"))
+                                                   for p, c in zip("abcdef", "bcdefg", strict=True))
     extra = {"escape": ["experiment=.."], "inf": ["training.lr=.inf"],
              "long": ["task.model.kind=" + "x" * 100_000],
              "recursive_override": ["x=&a [*a]"], "laughs_override": [f"x=[{laughs}]"],
