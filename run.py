@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from engine.core.errors import ConfigError, Diverged
+from engine.core.errors import ConfigError, Diverged, Terminated, raise_terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,6 +207,14 @@ def plugins_command(argv: list[str]) -> int:
     return 0
 
 
+def _stop_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 VERBS = {
     "run": (run_command, "run a scenario config: run [config.yaml] [key=value ...]"),
     "sweep": (sweep_command, "run a sweep file's pending runs (finished ones are skipped)"),
@@ -225,6 +234,7 @@ def _help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, raise_terminated)  # SIGTERM ends a run as Ctrl-C does
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(_help())
@@ -238,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as err:
         print(f"diverged: {err}; the rows up to it are in the log directory", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: rows already flushed are kept in the log directory", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        _stop_ray()  # its raylet, GCS, workers and agents go with the run
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"{what}: the run's outcome is recorded as interrupted; rows already flushed are "
+              "kept in the log directory", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except OSError as err:  # a full disk, a log folder removed under the run, ...
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}{where}; "

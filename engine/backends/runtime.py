@@ -8,9 +8,12 @@ pools' results in pool order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -281,16 +284,34 @@ def connect_ray(address: str | None) -> int:
     if not ray.is_initialized():
         common = dict(include_dashboard=False, logging_level=logging.WARNING,
                       configure_logging=True)
-        if address:
-            _check_reachable(address)
-            try:
-                ray.init(address=address, **common)
-            except ConnectionError as err:
-                raise ConfigError(f"--address {address}: cannot join a Ray cluster ({err})"
-                                  .splitlines()[0]) from None
-        else:
-            start_private_ray(**common)
+        with _own_sigterm():
+            _init(ray, address, common)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+@contextlib.contextmanager
+def _own_sigterm():
+    """ray.init replaces the driver's SIGTERM handler with sys.exit(15), which no run can
+    record as an outcome; put the process's own handler back (run.py's raises Terminated)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(ray, address: str | None, common: dict) -> None:
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as err:
+            raise ConfigError(f"--address {address}: cannot join a Ray cluster ({err})"
+                              .splitlines()[0]) from None
+    else:
+        start_private_ray(**common)
 
 
 def start_private_ray(**options) -> None:

@@ -15,6 +15,15 @@ class Diverged(ArithmeticError):
     """The global model (or a peer's model) is no longer finite: the run ends, `diverged`."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is (run.py installs the handler), so a
+    terminated run ends the same clean way as an interrupted one: outcome `interrupted`."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def shown(value: Any) -> str:
     """repr(value), cut to about SHOWN_CHARS characters for an error line."""
     text = repr(value)
