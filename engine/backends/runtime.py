@@ -128,6 +128,12 @@ class PoolHost:
     def release(self) -> None:
         self.pool = None
 
+    def node_id(self) -> str:
+        """The Ray node this host runs on (where its pool was placed)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 _HOSTS: dict[tuple[int, float], list] = {}  # (pools, CPUs each) -> idle PoolHost actors
 
@@ -208,6 +214,10 @@ class RayPools:
 
     def get(self, handles):
         return self._ray.get(list(handles))
+
+    def nodes(self) -> list[str]:
+        """Each pool's Ray node id, in pool order."""
+        return self._ray.get([a.node_id.remote() for a in self._actors])
 
     def close(self) -> None:
         """Kill the actors, or (reuse) empty them and keep them for the next run."""
@@ -303,15 +313,31 @@ def _own_sigterm():
 
 
 def _init(ray, address: str | None, common: dict) -> None:
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **common)
-        except ConnectionError as err:
-            raise ConfigError(f"--address {address}: cannot join a Ray cluster ({err})"
-                              .splitlines()[0]) from None
-    else:
+    if not address:
         start_private_ray(**common)
+        return
+    _check_reachable(address)
+    _token_auth()  # as `ray start` runs by default: the driver sends ~/.ray/auth_token
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as err:
+        mode = os.environ["RAY_AUTH_MODE"]
+        used = ("sent the token of RAY_AUTH_TOKEN or ~/.ray/auth_token (RAY_AUTH_MODE=token)"
+                if mode == "token" else f"used RAY_AUTH_MODE={mode}")
+        raise ConfigError(
+            f"--address {address}: cannot join a Ray cluster ({str(err).splitlines()[0]}); "
+            f"this driver {used}, and a cluster started by `ray start` expects "
+            "RAY_AUTH_MODE=token and its own token") from None
+
+
+def _token_auth() -> None:
+    """Token authentication on (`RAY_AUTH_MODE=token`), unless the user chose a mode: Ray's
+    default for `ray start`, set explicitly so Ray reads it (and prints no warning about it)."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # as Ray does when it turns its default on: re-read the mode
 
 
 def start_private_ray(**options) -> None:
@@ -332,11 +358,7 @@ def start_private_ray(**options) -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    if "RAY_AUTH_MODE" not in os.environ:
-        from ray._raylet import Config
-
-        os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")  # as Ray does when it turns its default on: re-read the mode
+    _token_auth()
     ray.init(address="local", _node_ip_address="127.0.0.1",
              _system_config=EMBEDDED_RAY_CONFIG, **options)
 
