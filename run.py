@@ -1,6 +1,7 @@
 """Concord command line: `python run.py <verb> ...` (a config path alone means `run`).
 
     python run.py configs/quickstart.yaml [key=value ...] [--backend inline] [--pools N]
+    python run.py resume logs/<experiment> [--run-id ID]
     python run.py sweep configs/sweeps/topologies.yaml [key=value ...]
     python run.py analyze logs/<experiment>
     python run.py plugins [KIND]
@@ -13,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from engine.core.errors import ConfigError, Diverged, Terminated, raise_terminated
+from engine.core.errors import ConfigError, Diverged, PoolLost, Terminated, on_signal
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +32,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port)")
     p.add_argument("--log-dir", default="logs", help="root of the Arrow logs (default: logs)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="rounds between checkpoints (default: 50; 0: only at the start and "
+                   "when a signal stops the run)")
     return p
 
 
@@ -38,6 +42,7 @@ def run_command(argv: list[str]) -> int:
     args = _run_parser().parse_intermixed_args(argv)
     if args.pools is not None and args.pools < 1:
         raise ConfigError("--pools: must be >= 1")
+    _check_every(args.checkpoint_every)
     from engine.resolve import load
 
     cfg = load(args.config, args.overrides)  # every plugin resolved, before Ray starts
@@ -47,8 +52,53 @@ def run_command(argv: list[str]) -> int:
     from engine.backends.runtime import RuntimeOptions
     from engine.experiment import run_experiment
 
-    options = RuntimeOptions(args.backend, args.pools, args.address)
+    options = RuntimeOptions(args.backend, args.pools, args.address,
+                             checkpoint_every=args.checkpoint_every)
     result = run_experiment(cfg, options, Path(args.log_dir), not args.no_progress)
+    return _summary(cfg, result)
+
+
+def _check_every(every: int) -> None:
+    if every < 0:
+        raise ConfigError("--checkpoint-every: must be >= 0 (0: at the start and on a stop)")
+
+
+def resume_command(argv: list[str]) -> int:
+    p = _Parser(prog="run.py resume", description="Continue a run that was killed or stopped "
+                "from its last checkpoint; its logs then equal those of a run never stopped.")
+    p.add_argument("log_dir", help="the experiment's folder, e.g. logs/quickstart")
+    p.add_argument("--run-id", help="which run (default: the last one checkpointed)")
+    p.add_argument("--backend", choices=["ray", "inline"], help="default: the run's own")
+    p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="rounds between checkpoints (default: 50)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    _check_every(args.checkpoint_every)
+    from engine.experiment import resumable
+
+    log_dir = Path(args.log_dir)
+    run_id, meta = resumable(log_dir, args.run_id)
+    from engine.core.config import build_config
+    from engine.resolve import digest, resolve
+
+    cfg = build_config(meta["config"])
+    resolve(cfg)
+    if digest(cfg) != meta["digest"]:
+        raise ConfigError(f"run {run_id}: its config resolves differently with this code "
+                          "(plugins' defaults changed?); it cannot be resumed bit for bit")
+    from engine.backends.runtime import RuntimeOptions
+    from engine.experiment import run_experiment
+
+    options = RuntimeOptions(args.backend or meta["backend"], meta["pools"], args.address,
+                             checkpoint_every=args.checkpoint_every)
+    print(f"resuming run {run_id} ({log_dir})", file=sys.stderr)
+    result = run_experiment(cfg, options, log_dir.parent, not args.no_progress, run_id,
+                            meta["constants"] or None, resume=True)
+    return _summary(cfg, result)
+
+
+def _summary(cfg, result) -> int:
     loop = result.loop
     peers = cfg.mode == "decentralized"
     print(f"run {result.run_id}: {loop.rounds_done} rounds in {loop.wall_s:.1f} s "
@@ -217,6 +267,7 @@ def _stop_ray() -> None:
 
 VERBS = {
     "run": (run_command, "run a scenario config: run [config.yaml] [key=value ...]"),
+    "resume": (resume_command, "continue a killed or stopped run from its last checkpoint"),
     "sweep": (sweep_command, "run a sweep file's pending runs (finished ones are skipped)"),
     "analyze": (analyze_command, "summarize, group, filter, plot or query an experiment's logs"),
     "plugins": (plugins_command, "list the registered plugins of every kind, with parameters"),
@@ -234,7 +285,8 @@ def _help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, raise_terminated)  # SIGTERM ends a run as Ctrl-C does
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the round ends, a checkpoint, then stop
+        signal.signal(signum, on_signal)
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(_help())
@@ -254,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{what}: the run's outcome is recorded as interrupted; rows already flushed are "
               "kept in the log directory", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
+    except PoolLost as err:
+        print(f"error: {err}; rows already flushed are kept in the log directory",
+              file=sys.stderr)
+        return 1
     except OSError as err:  # a full disk, a log folder removed under the run, ...
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}{where}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import sys
@@ -19,17 +20,27 @@ from engine.backends.runtime import RuntimeOptions
 from engine.compute.evaluation import Evaluator
 from engine.compute.pool import PoolSpec
 from engine.compute.training import LocalSGD, pin_torch_arithmetic
+from engine.core.checkpoint import write_atomic
 from engine.core.config import ExperimentConfig
-from engine.core.errors import Diverged
-from engine.core.params import init_params
+from engine.core.errors import ConfigError, Diverged
+from engine.core.params import ParamSpec, init_params
 from engine.core.seeds import SeedTree
+from engine.loops.keeper import Keeper, checkpoint_path, read_checkpoint
 from engine.loops.skeleton import LoopResult
 from engine.loops.world import PeerWorld, SyncWorld
 from engine.protocols.base import Runner
-from engine.records.logs import RoundRows, RunLogger, RunRows, error_line, outcome_row
+from engine.records.logs import (
+    RoundRows,
+    RunLogger,
+    RunRows,
+    error_line,
+    outcome_row,
+    read_table,
+)
 from engine.records.progress import RoundProgress
 from engine.resolve import build_task, config_yaml, digest, resolve
 from scenarios.adversaries import Adversary, build_adversary
+from scenarios.models import ModelSpec
 from scenarios.task import FederatedTask
 
 
@@ -92,11 +103,14 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
                    log_root: Path = Path("logs"), show_progress: bool = True,
                    run_id: str | None = None,
                    constants: dict[str, pa.Scalar] | None = None,
-                   show_notes: bool = True) -> RunResult:
+                   show_notes: bool = True, resume: bool = False) -> RunResult:
     """Run one experiment (federated or decentralized) and log it under log_root/<experiment>/.
     A sweep passes the run's stable id and its swept parameters (`constants`, extra columns of
     every table). Once its pools exist, however the run ends, its `outcomes` row says how.
-    `show_notes`: print the protocol's notes (a reduction to another rule) on stderr first."""
+    `show_notes`: print the protocol's notes (a reduction to another rule) on stderr first.
+    The run checkpoints (engine/loops/keeper.py) every `options.checkpoint_every` rounds;
+    `resume` continues run `run_id` from its checkpoint. A completed run's model is saved
+    (`model_path`), and its checkpoint removed."""
     pin_torch_arithmetic()  # the driver's arithmetic is the same whatever the backend
     b = prepare(cfg)
     if show_notes:
@@ -105,17 +119,28 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
     started = datetime.now(UTC)
     run_id = run_id or new_run_id(cfg, started)
     log_dir = Path(log_root) / cfg.experiment
+    checkpoint = checkpoint_path(log_dir, run_id)
+    if resume and not checkpoint.is_file():
+        raise ConfigError(f"run {run_id}: no checkpoint in {checkpoint.parent}")
     logger = RunLogger(log_dir, run_id, constants=constants)
     pools = b.mode.pools(b.task, b.spec, options, b.params, b.adversary, b.seeds)
     progress = RoundProgress(cfg.rounds, enabled=show_progress)
     status, error, clock = "failed", None, time.perf_counter()
     try:
-        row = run_row(cfg, options, pools.num_pools, b.params.numel(), started)
-        logger.append(b.mode.describe(row, b.world))
-        logger.flush()
+        if not resume:  # a resumed run has its runs row already
+            row = run_row(cfg, options, pools.num_pools, b.params.numel(), started)
+            logger.append(b.mode.describe(row, b.world))
+            logger.flush()
         evaluator = Evaluator(b.task.model, b.task.data.x_test, b.task.data.y_test)
+        meta = {"config": cfg.to_dict(), "run_id": run_id, "digest": digest(cfg),
+                "backend": options.backend, "pools": pools.num_pools,
+                "constants": dict(constants or {})}
+        keeper = Keeper(checkpoint, options.checkpoint_every, pools, logger, evaluator, meta,
+                        resume, options.max_restarts)
         loop = b.mode.loop(pools, b.params, evaluator, logger, progress, b.seeds, b.adversary,
-                           b.world)
+                           b.world, keeper)
+        save_model(model_path(log_dir, run_id), b.task.model, loop.params)
+        checkpoint.unlink(missing_ok=True)  # a completed run is not resumed: its model stays
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -140,6 +165,21 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
     return RunResult(run_id, log_dir, loop)
 
 
+def model_path(log_dir: Path, run_id: str) -> Path:
+    return Path(log_dir) / "models" / f"run_id={run_id}" / "model.pt"
+
+
+def save_model(path: Path, model: ModelSpec, params: torch.Tensor) -> None:
+    """The final model, for `torch.load`: its flat parameter vector, and the same values as
+    the `state_dict` of `model.build()` (an nn.Sequential), written atomically."""
+    module = model.build()
+    named = ParamSpec.of(module).unflatten(params.detach().float().clone())
+    state = {**module.state_dict(), **named}
+    buffer = io.BytesIO()
+    torch.save({"params": params.detach().clone(), "state_dict": state}, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
 def _versions() -> str:
     packages = ["torch", "ray", "numpy", "pyarrow", "pydantic"]
     return json.dumps({"python": platform.python_version(), "platform": sys.platform,
@@ -159,3 +199,31 @@ def run_row(cfg: ExperimentConfig, options: RuntimeOptions, num_pools: int | Non
         started_at=np.array([started.replace(tzinfo=None)], dtype="datetime64[ms]"),
         versions=[_versions()],
     )
+
+
+def resumable(log_dir: Path, run_id: str | None = None) -> tuple[str, dict]:
+    """The run to resume under log_dir (an experiment's folder): `run_id`, or the one whose
+    checkpoint was written last; its checkpoint's meta. One ConfigError line if there is
+    none, or the run has ended."""
+    log_dir = Path(log_dir)
+    found = sorted(log_dir.glob("checkpoints/run_id=*/checkpoint.pkl"),
+                   key=lambda p: p.stat().st_mtime)
+    if run_id is not None:
+        found = [p for p in found if p.parent.name == f"run_id={run_id}"]
+    if not found:
+        ended = _ended(log_dir).get(run_id) if run_id else None
+        raise ConfigError(f"{log_dir}: " + (f"run {run_id} ended {ended}; nothing to resume"
+                                            if ended else "no checkpoint to resume"
+                                            + (f" for run {run_id}" if run_id else "")))
+    path = found[-1]
+    run_id = path.parent.name.removeprefix("run_id=")
+    ended = _ended(log_dir).get(run_id)
+    if ended in ("completed", "diverged"):
+        raise ConfigError(f"{log_dir}: run {run_id} ended {ended}; nothing to resume")
+    return run_id, read_checkpoint(path)["meta"]
+
+
+def _ended(log_dir: Path) -> dict[str, str]:
+    outcomes = read_table(log_dir, "outcomes").sort_by("finished_at")
+    return dict(zip(outcomes["run_id"].to_pylist(), outcomes["status"].to_pylist(),
+                    strict=True))

@@ -125,7 +125,9 @@ def test_a_two_node_cluster_started_with_ray_start_places_pools_on_both_nodes(tm
     address = f"127.0.0.1:{port}"
     # token authentication, as `ray start --head` turns it on; a joining node needs it set,
     # run.py sets it itself (the driver's env has no RAY_AUTH_MODE)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    # (and not the settings this test process's own private Ray put in its environment)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     node_env = {**env, "RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).parent / "ray")

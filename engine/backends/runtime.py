@@ -23,7 +23,7 @@ import torch
 
 from engine.compute.pool import ClientPool, PoolResult, PoolSpec
 from engine.compute.training import pin_torch_arithmetic
-from engine.core.errors import ConfigError
+from engine.core.errors import ConfigError, PoolDied
 from engine.core.parallel import ChunkMap, serial_map
 from scenarios.task import FederatedTask
 
@@ -37,6 +37,8 @@ class RuntimeOptions:
     address: str | None = None  # an existing Ray cluster, e.g. "auto" or "host:6379"
     cpus: int | None = None  # CPUs this run may use (a sweep's share); default: the cluster's
     reuse_actors: bool = False  # ray: keep the pool actors for the next run of this process
+    checkpoint_every: int = 50  # rounds between checkpoints (0: only at the start and on stop)
+    max_restarts: int = 3  # pools replaced in a run before it fails
 
 
 class Pools(Protocol):
@@ -56,6 +58,17 @@ class Pools(Protocol):
         ...
 
     def get(self, handles: list) -> list: ...
+
+    def snapshot(self) -> list[bytes]:
+        """Every pool's state (engine/compute/state.py Checkpointed), in pool order."""
+        ...
+
+    def restore(self, states: list[bytes]) -> None: ...
+
+    def restart(self, pool: int) -> None:
+        """Replace pool `pool`'s dead actor by a new one built from the same shard (its state
+        is then restored from a checkpoint)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -98,6 +111,16 @@ class InlinePools:
     def get(self, handles):
         return list(handles)
 
+    def snapshot(self) -> list[bytes]:
+        return [pool.snapshot() for pool in self._pools]
+
+    def restore(self, states: list[bytes]) -> None:
+        for pool, state in zip(self._pools, states, strict=True):
+            pool.restore(state)
+
+    def restart(self, pool: int) -> None:
+        raise RuntimeError("inline pools live in this process: they cannot die alone")
+
     def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None,
               control_rows=False):
         parts = split_by_pool(selected, self.bounds)
@@ -127,6 +150,15 @@ class PoolHost:
 
     def release(self) -> None:
         self.pool = None
+
+    def snapshot(self) -> bytes:
+        return self.pool.snapshot()
+
+    def restore(self, state: bytes) -> None:
+        self.pool.restore(state)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_id(self) -> str:
         """The Ray node this host runs on (where its pool was placed)."""
@@ -164,15 +196,18 @@ class RayPools:
         refs = (ray.put(spec), [ray.put(e) for e in extra],
                 [ray.put(task.shard(a, b)) for a, b in zip(self.bounds[:-1], self.bounds[1:],
                                                              strict=True)])
+        self._pool_class, self._refs = pool_class, refs  # to rebuild a pool whose actor died
         if kept is not None:
             try:
                 self._build(kept, pool_class, *refs)
                 return
             except ray.exceptions.RayActorError:  # a kept actor died (e.g. Ray restarted)
                 pass
-        actor = ray.remote(PoolHost).options(num_cpus=self._key[1],
-                                             runtime_env={"env_vars": POOL_ENV})
-        self._build([actor.remote() for _ in range(num_pools)], pool_class, *refs)
+        self._build([self._host() for _ in range(num_pools)], pool_class, *refs)
+
+    def _host(self):
+        return self._ray.remote(PoolHost).options(
+            num_cpus=self._key[1], runtime_env={"env_vars": POOL_ENV}).remote()
 
     def _build(self, hosts: list, pool_class: type, spec_ref, extra_refs, shard_refs) -> None:
         """Each host builds its pool (start-up is not part of round 0)."""
@@ -192,7 +227,7 @@ class RayPools:
         futures = [actor.call.remote("train", params_ref, ids, round_idx, pre_reduce,
                                      control_ref, b, control_rows)
                    for actor, ids, b in zip(self._actors, parts, steps, strict=True) if ids.size]
-        return self._ray.get(futures)
+        return self.get(futures)
 
     def _shared(self, vector: torch.Tensor | None):
         """A per-round vector as every pool's call receives it: as numpy (Ray serialises it
@@ -213,7 +248,40 @@ class RayPools:
                 for actor, a in zip(self._actors, args, strict=True)]
 
     def get(self, handles):
-        return self._ray.get(list(handles))
+        try:
+            return self._ray.get(list(handles))
+        except self._ray.exceptions.RayActorError as err:
+            raise PoolDied(self._pool_of(err), str(err).splitlines()[0]) from None
+
+    def _pool_of(self, err) -> int:
+        """The pool whose actor the error is about (-1 if none of ours is named)."""
+        dead = getattr(err, "actor_id", None)
+        for i, actor in enumerate(self._actors):
+            if dead is not None and actor._actor_id.hex() == dead:
+                return i
+        return -1
+
+    def snapshot(self) -> list[bytes]:
+        return self.get([a.snapshot.remote() for a in self._actors])
+
+    def restore(self, states: list[bytes]) -> None:
+        self.get([a.restore.remote(state) for a, state in zip(self._actors, states,
+                                                               strict=True)])
+
+    def restart(self, pool: int) -> None:
+        """A new actor for pool `pool` (every pool's, if it is not known which died) built
+        from the shard already in the object store; start-up is waited for."""
+        spec_ref, extra_refs, shard_refs = self._refs
+        for i in range(self.num_pools) if pool < 0 else [pool]:
+            with contextlib.suppress(Exception):
+                self._ray.kill(self._actors[i])
+            self._actors[i] = self._host()
+            self._ray.get(self._actors[i].build.remote(self._pool_class, spec_ref,
+                                                       shard_refs[i], *extra_refs))
+
+    def pids(self) -> list[int]:
+        """The pools' worker processes (tests kill one)."""
+        return self.get([a.pid.remote() for a in self._actors])
 
     def nodes(self) -> list[str]:
         """Each pool's Ray node id, in pool order."""

@@ -17,7 +17,7 @@ import torch
 
 from engine.compute.evaluation import Evaluator
 from engine.compute.pool import PoolSpec, ShardTrainer
-from engine.compute.state import PeerModels, RowState
+from engine.compute.state import Checkpointed, PeerModels, RowState
 from engine.core.neighbourhood import Forge, Neighbourhood
 from engine.core.params import init_params
 from engine.core.seeds import splitmix64
@@ -84,7 +84,7 @@ class PeerScores:
 Export = tuple[np.ndarray, np.ndarray, np.ndarray]  # (global ids, models [e, P], mass [e])
 
 
-class PeerPool:
+class PeerPool(Checkpointed):
     """A block of gossip peers: trains them from their own models, mixes them with their
     neighbours' in gossip steps, and keeps their models (and momentum) as components."""
 

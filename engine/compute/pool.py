@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.compute.state import RowState
+from engine.compute.state import Checkpointed, RowState
 from engine.compute.training import (
     DiagonalFisher,
     LocalSGD,
@@ -168,7 +168,7 @@ class ShardTrainer:
         return tree.merge(leaves, lo, hi, overwrite=True)
 
 
-class ClientPool:
+class ClientPool(Checkpointed):
     """A server's clients: trains the selected ones of its shard each round, keeping each
     client's SCAFFOLD control variate and compression residual as components."""
 

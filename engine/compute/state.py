@@ -6,6 +6,27 @@ from __future__ import annotations
 
 import torch
 
+from engine.core.checkpoint import dumps, loads
+
+
+class Checkpointed:
+    """A pool whose state a checkpoint can hold: `snapshot()` pickles the pool's attributes
+    (per-client rows, peers' models, counters), leaving out the parts rebuilt from its spec
+    and shard (REBUILT: the trainer with its data, the spec, evaluators); `restore` puts a
+    snapshot's state into this pool, whose rebuilt parts stay."""
+
+    REBUILT = ("trainer", "spec", "peers", "evaluator", "fisher")
+
+    def _rebuilt(self) -> dict:
+        return {name: getattr(self, name) for name in self.REBUILT
+                if getattr(self, name, None) is not None}
+
+    def snapshot(self) -> bytes:
+        return dumps(self, self._rebuilt())
+
+    def restore(self, data: bytes) -> None:
+        self.__dict__.update(loads(data, self._rebuilt()).__dict__)
+
 
 class RowState:
     """One [P] row per client of a shard, zero until written."""

@@ -15,6 +15,7 @@ STRAGGLER, OVER_SELECTED = "straggler", "over_selected"
 LINK_DOWN, MESSAGE_LOST = "link_down", "message_lost"  # peers
 AGGREGATION_DROPPED = "aggregation_dropped"  # MoDeST: too few models by the timeout
 NONFINITE = "nonfinite"  # an update with NaN or inf: dropped before aggregation
+POOL_RESTART = "pool_restart"  # a pool actor replaced (client_id: the pool; value: seconds)
 
 
 @dataclass(frozen=True)

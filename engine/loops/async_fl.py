@@ -33,6 +33,7 @@ from engine.core.plans import COMPLETED, Dispatch
 from engine.core.seeds import SeedTree
 from engine.core.updates import Updates
 from engine.loops.federated import Accountant, check_finite
+from engine.loops.keeper import Keeper
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import SyncWorld
 from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
@@ -338,10 +339,12 @@ class AsyncServer:
 
 
 def async_rounds(setup: AsyncSetup, pools: Pools, params: torch.Tensor, evaluator: Evaluator,
-                 logger: RunLogger, progress: RoundProgress) -> LoopResult:
+                 logger: RunLogger, progress: RoundProgress,
+                 keeper: Keeper | None = None) -> LoopResult:
     """Run events until `rounds` model versions exist; log one rounds row per version."""
     loop = AsyncServer(setup, pools, params, evaluator, logger)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress,
+                      keeper)
 
 
 STALL_SLOTS = 10_000

@@ -36,6 +36,7 @@ from engine.loops.decentralized import (
     peer_rows,
     pool_imports,
 )
+from engine.loops.keeper import Keeper
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import PeerWorld
 from engine.records.logs import MISSING, RoundRows, RunLogger, event_rows
@@ -257,10 +258,12 @@ def _lost_exchanges(events: Events, p: float, rng: np.random.Generator
 
 def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, world: PeerWorld,
                        evaluator: Evaluator, logger: RunLogger, progress: RoundProgress,
-                       pairwise: bool = True, compressed: bool = False) -> LoopResult:
+                       pairwise: bool = True, compressed: bool = False,
+                       keeper: Keeper | None = None) -> LoopResult:
     loop = AsyncGossipUnits(setup, rates, pools, world, evaluator, logger, pairwise,
                             compressed)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress,
+                      keeper)
 
 
 def _log_unit(logger: RunLogger, setup: GossipSetup, r: int, events: Events,

@@ -23,6 +23,7 @@ from engine.core import tree
 from engine.core.errors import Diverged
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
+from engine.loops.keeper import Keeper
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import PeerWorld
 from engine.records.logs import MISSING, PeerRows, RoundRows, RunLogger, event_rows
@@ -216,9 +217,10 @@ class GossipRounds:
 
 def decentralized_rounds(setup: GossipSetup, pools: Pools, network: Network,
                          evaluator: Evaluator, logger: RunLogger,
-                         progress: RoundProgress) -> LoopResult:
+                         progress: RoundProgress, keeper: Keeper | None = None) -> LoopResult:
     loop = GossipRounds(setup, pools, network, evaluator, logger)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress,
+                      keeper)
 
 
 def peer_models(pools: Pools, ids: np.ndarray) -> np.ndarray:

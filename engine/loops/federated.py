@@ -19,6 +19,7 @@ from engine.core.plans import COMPLETED, RoundPlan
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
+from engine.loops.keeper import Keeper
 from engine.loops.skeleton import LoopResult, Round, Schedule, Scores, Timing, run_rounds
 from engine.loops.world import SyncWorld
 from engine.records.logs import MISSING, ClientRows, RoundRows, RunLogger, event_rows
@@ -94,9 +95,10 @@ class FederatedRounds:
 
 def federated_rounds(setup: FederatedSetup, pools: Pools, aggregator: Aggregator,
                      params: torch.Tensor, evaluator: Evaluator, logger: RunLogger,
-                     progress: RoundProgress) -> LoopResult:
+                     progress: RoundProgress, keeper: Keeper | None = None) -> LoopResult:
     loop = FederatedRounds(setup, pools, aggregator, params, evaluator, logger)
-    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress)
+    return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress,
+                      keeper)
 
 
 class Accountant:

@@ -23,7 +23,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from engine.core.errors import Diverged
+from engine.core.errors import Diverged, PoolDied, Stop, stopped
+from engine.loops.keeper import Keeper, Tally
 from engine.records.logs import MISSING
 from engine.records.progress import RoundProgress
 
@@ -102,29 +103,63 @@ class LoopResult:
     consensus_distance: float | None = None  # peers: mean ||z_i - z_bar||^2 at the end
 
 
-def run_rounds(loop: RoundLoop, schedule: Schedule, progress: RoundProgress) -> LoopResult:
-    """Round after round until the schedule's last (or the loop has nothing left to do)."""
-    accuracies, updates, start, done, dead = [], 0, time.perf_counter(), 0, 0
-    for r in range(schedule.rounds):
-        t0 = time.perf_counter()
-        step = loop.step(r, r == schedule.rounds - 1)
-        if step is None:
-            break
-        t1 = time.perf_counter()
-        scores = loop.evaluate(r) if schedule.due(r) else NOT_EVALUATED
-        timing = Timing(t0, t1, time.perf_counter(), start)
-        loop.record(r, step, scores, timing)
-        accuracies.append(scores.accuracy)
-        updates, done = updates + step.updates, done + 1
-        progress.update(scores.accuracy, step.train_loss, step.updates / max(timing.round_s,
-                                                                               1e-9))
-        loop.check(r)
-        dead = dead + 1 if step.dropped and not step.updates else 0
-        _check_alive(r, scores, dead, schedule.dead_rounds)
-    evaluated = [a for a in accuracies if a is not MISSING] or [math.nan]
-    return LoopResult(loop.model(), done, evaluated[-1], max(evaluated),
-                      time.perf_counter() - start, updates,
+def run_rounds(loop: RoundLoop, schedule: Schedule, progress: RoundProgress,
+               keeper: Keeper | None = None) -> LoopResult:
+    """Round after round until the schedule's last (or the loop has nothing left to do).
+    With a `keeper`: a checkpoint at the start and every `keeper.every` rounds (a resumed run
+    starts from its checkpoint instead), a dead pool replaced and the rounds since the last
+    checkpoint replayed, and a signal's stop taken at the end of a round, checkpointed."""
+    tally = Tally()
+    if keeper is not None:
+        loop, tally = keeper.begin(loop, tally)
+        progress.skip_to(tally.next_round)
+    start = time.perf_counter()
+    Stop.active += 1
+    try:
+        while tally.next_round < schedule.rounds:
+            r = tally.next_round
+            try:
+                step = _round(loop, schedule, progress, tally, r, start)
+            except PoolDied as err:
+                if keeper is None:
+                    raise
+                loop, tally = keeper.recover(err)
+                progress.skip_to(tally.next_round)
+                continue
+            if step is None:
+                break
+            signum = Stop.take()
+            if keeper is not None and (keeper.due(r) or signum is not None):
+                keeper.save(loop, tally)
+            if signum is not None:
+                raise stopped(signum)
+    finally:
+        Stop.active -= 1
+    evaluated = [a for a in tally.accuracies if a is not MISSING] or [math.nan]
+    return LoopResult(loop.model(), tally.done, evaluated[-1], max(evaluated),
+                      time.perf_counter() - start, tally.updates,
                       getattr(loop, "consensus_distance", None))
+
+
+def _round(loop: RoundLoop, schedule: Schedule, progress: RoundProgress, tally: Tally,
+           r: int, start: float) -> Round | None:
+    """Round r: step, evaluation on the schedule, records, checks; the tally moves on."""
+    t0 = time.perf_counter()
+    step = loop.step(r, r == schedule.rounds - 1)
+    if step is None:
+        return None
+    t1 = time.perf_counter()
+    scores = loop.evaluate(r) if schedule.due(r) else NOT_EVALUATED
+    timing = Timing(t0, t1, time.perf_counter(), start)
+    loop.record(r, step, scores, timing)
+    tally.accuracies.append(scores.accuracy)
+    tally.updates, tally.done = tally.updates + step.updates, tally.done + 1
+    tally.next_round = r + 1
+    progress.update(scores.accuracy, step.train_loss, step.updates / max(timing.round_s, 1e-9))
+    loop.check(r)
+    tally.dead = tally.dead + 1 if step.dropped and not step.updates else 0
+    _check_alive(r, scores, tally.dead, schedule.dead_rounds)
+    return step
 
 
 def _check_alive(r: int, scores: Scores, dead: int, bound: int) -> None:

@@ -28,6 +28,7 @@ from engine.core.config import ExperimentConfig
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec
 from engine.core.seeds import SeedTree
+from engine.loops.keeper import Keeper
 from engine.loops.skeleton import LoopResult
 from engine.records.logs import RunLogger, RunRows
 from engine.records.progress import RoundProgress
@@ -111,7 +112,8 @@ class Runner(Interface):
 
     def loop(self, pools: Pools, params: torch.Tensor, evaluator: Evaluator,
              logger: RunLogger, progress: RoundProgress, seeds: SeedTree,
-             adversary: Adversary | None, world: Any) -> LoopResult: ...
+             adversary: Adversary | None, world: Any, keeper: Keeper | None = None
+             ) -> LoopResult: ...
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ class Federated:
     def describe(self, row: RunRows, world: SyncWorld) -> RunRows:
         return row
 
-    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world):
+    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world,
+             keeper=None):
         cfg = self.cfg
         if self.plugins.server.asynchronous:
             setup = AsyncSetup(cfg.rounds, cfg.eval_every, seeds, self.plugins.server,
@@ -98,7 +99,7 @@ class Federated:
                                cfg.population.availability.slot_s, adversary,
                                cfg.training.scaffold, _accountant(cfg, self.plugins),
                                cfg.diverge_after)
-            return async_rounds(setup, pools, params, evaluator, logger, progress)
+            return async_rounds(setup, pools, params, evaluator, logger, progress, keeper)
         # attackers replace updates after training: pools must then ship every delta
         pre_reduce = pools_may_reduce(self.plugins.aggregation) and (
             adversary is None or adversary.attack.corrupt is None)
@@ -106,7 +107,7 @@ class Federated:
                                cfg.training.scaffold, _accountant(cfg, self.plugins),
                                cfg.diverge_after)
         return federated_rounds(setup, pools, self.aggregator, params, evaluator, logger,
-                                progress)
+                                progress, keeper)
 
 
 def _accountant(cfg: ExperimentConfig, plugins: Plugins) -> Accountant | None:

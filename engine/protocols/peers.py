@@ -75,23 +75,25 @@ class Peers:
                            upload_bytes(self.plugins.compressor, model_bytes),
                            self.cfg.diverge_after)
 
-    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world):
+    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world,
+             keeper=None):
         return decentralized_rounds(self.setup(params, seeds, adversary, world), pools,
-                                    world.network, evaluator, logger, progress)
+                                    world.network, evaluator, logger, progress, keeper)
 
 
 class AsyncPeers(Peers):
     """Peers on Poisson clocks: pairwise exchanges on edges, or wake-ups that apply the
     consensus policy to a peer's live neighbourhood (engine/loops/async_gossip.py)."""
 
-    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world):
+    def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world,
+             keeper=None):
         a = self.cfg.gossip.asynchronous
         compressed = not self.plugins.compressor.lossless
         pairwise = self.consensus.pairwise and not compressed and (
             adversary is None or adversary.attack.forge is None)
         return async_gossip_units(self.setup(params, seeds, adversary, world),
                                   Rates(a.edge_rate, a.step_rate, a.wake_rate), pools, world,
-                                  evaluator, logger, progress, pairwise, compressed)
+                                  evaluator, logger, progress, pairwise, compressed, keeper)
 
 
 class SampledPeers(Peers):

@@ -242,6 +242,27 @@ class RunLogger:
         """Rows of one table appended so far (flushed or not)."""
         return self._counts.get(kind, 0)
 
+    def position(self) -> dict:
+        """Where the logs stand, every row flushed: what a checkpoint records so that a resumed
+        run writes on from exactly there."""
+        self.flush()
+        return {"seq": self._seq, "counts": {kind.__name__: n for kind, n in
+                                             self._counts.items()}}
+
+    def rewind(self, position: dict) -> None:
+        """Back to `position`: this run's part files written after it are deleted (a killed
+        run's rows past its checkpoint, which the resumed run writes again) and unflushed
+        rows dropped."""
+        self._pending.clear()
+        for name, _ in TABLES.values():
+            folder = self.root / name / f"run_id={self.run_id}"
+            for part in folder.glob("*part-*.parquet*"):
+                if int(part.name.lstrip(".").split("-")[1].split(".")[0]) >= position["seq"]:
+                    part.unlink()
+        by_name = {kind.__name__: kind for kind in TABLES}
+        self._counts = {by_name[name]: n for name, n in position["counts"].items()}
+        self._seq = position["seq"]
+
     def flush(self) -> None:
         """Write every table's pending rows (TABLES order: rounds, then outcomes, last). A
         table that cannot be written (a full disk) does not stop the others: the outcome row

@@ -27,6 +27,10 @@ class RoundProgress:
         )
         self._bar.update(1)
 
+    def skip_to(self, rounds_done: int) -> None:
+        """A resumed run: the rounds done before it."""
+        self._bar.update(rounds_done - self._bar.n)
+
     def close(self) -> None:
         self._bar.close()
 
