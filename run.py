@@ -14,7 +14,14 @@ import signal
 import sys
 from pathlib import Path
 
-from engine.core.errors import ConfigError, Diverged, PoolLost, Terminated, on_signal
+from engine.core.errors import (
+    ConfigError,
+    Diverged,
+    PoolDied,
+    PoolLost,
+    Terminated,
+    on_signal,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{what}: the run's outcome is recorded as interrupted; rows already flushed are "
               "kept in the log directory", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
-    except PoolLost as err:
+    except (PoolLost, PoolDied) as err:  # PoolDied: before the run's first checkpoint
         print(f"error: {err}; rows already flushed are kept in the log directory",
               file=sys.stderr)
         return 1

@@ -213,8 +213,8 @@ class RayPools:
         """Each host builds its pool (start-up is not part of round 0)."""
         self._actors = hosts
         try:
-            self._ray.get([h.build.remote(pool_class, spec_ref, shard, *extra_refs)
-                           for h, shard in zip(hosts, shard_refs, strict=True)])
+            self.get([h.build.remote(pool_class, spec_ref, shard, *extra_refs)
+                      for h, shard in zip(hosts, shard_refs, strict=True)])
         except Exception:
             self.close()
             raise

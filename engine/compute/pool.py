@@ -110,6 +110,11 @@ class ShardTrainer:
     what a client pool and a peer pool share. Holds no per-client state across rounds."""
 
     def __init__(self, spec: PoolSpec, shard: Shard) -> None:
+        # torch.func imports torch._dynamo on its first call (about a second): pay it when a
+        # pool is built, not in its first timed round (nor in commands that only check a
+        # config, which therefore never import it)
+        import torch._dynamo  # noqa: F401
+
         pin_torch_arithmetic()
         self.spec = spec
         self.client_ids = shard.client_ids

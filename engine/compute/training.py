@@ -13,10 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-# torch.func imports torch._dynamo lazily on its first call (seconds); pay it when a pool is
-# built rather than inside the first timed round.
-import torch._dynamo  # noqa: E402, F401
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap

@@ -72,11 +72,23 @@ class Keeper:
         return {"pools": self.pools, "logger": self.logger, "evaluator": self.evaluator}
 
     def begin(self, loop: Any, tally: Tally) -> tuple[Any, Tally]:
-        """A resumed run's loop and tally from its checkpoint; else the start's checkpoint."""
-        if self.resume:
-            return self._load()
-        self.save(loop, tally)
-        return loop, tally
+        """A resumed run's loop and tally from its checkpoint; else the start's checkpoint.
+        A pool that dies meanwhile is replaced (it counts as a restart) and begin retried."""
+        while True:
+            try:
+                if self.resume:
+                    return self._load()
+                self.save(loop, tally)
+                return loop, tally
+            except PoolDied as err:
+                self._replace(err)
+
+    def _replace(self, err: PoolDied) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise PoolLost(f"{err}; pools died {self.restarts} times in this run, more than "
+                           f"the {self.max_restarts} restarts a run makes") from None
+        self.pools.restart(err.pool)
 
     def due(self, r: int) -> bool:
         return self.every > 0 and (r + 1) % self.every == 0
@@ -96,12 +108,8 @@ class Keeper:
     def recover(self, err: PoolDied) -> tuple[Any, Tally]:
         """Replace the dead pool, go back to the last checkpoint (the work since is replayed),
         and log a `pool_restart` event (client_id: the pool; value: the seconds it took)."""
-        self.restarts += 1
-        if self.restarts > self.max_restarts:
-            raise PoolLost(f"{err}; pools died {self.restarts} times in this run, more than "
-                           f"the {self.max_restarts} restarts a run makes") from None
         start = time.perf_counter()
-        self.pools.restart(err.pool)
+        self._replace(err)
         loop, tally = self._load()
         # value: the wall seconds the new actor and the restore took
         self.logger.append(event_rows(tally.next_round, float(tally.next_round),
