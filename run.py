@@ -176,12 +176,16 @@ def sweep_command(argv: list[str]) -> int:
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port)")
     p.add_argument("--max-concurrent", type=int, help="runs in flight (default: CPUs / share)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="rounds between a run's checkpoints (default: 50); a run left "
+                        "unfinished continues from its checkpoint when the sweep is rerun")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--log-dir", default="logs", help="root of the Arrow logs (default: logs)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_intermixed_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent: must be >= 1")
+    _check_every(args.checkpoint_every)
     from engine.sweeps.sweep import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides)  # every run checked before Ray starts
@@ -193,8 +197,10 @@ def sweep_command(argv: list[str]) -> int:
     sweep.check()  # a refused run stops the sweep before the first run starts
     from engine.sweeps.scheduler import InlineRunner, RayRunner, run_sweep
 
-    runner = (InlineRunner(sweep.cpus_per_run) if args.backend == "inline" else
-              RayRunner(sweep.cpus_per_run, args.address, args.max_concurrent))
+    runner = (InlineRunner(sweep.cpus_per_run, args.checkpoint_every)
+              if args.backend == "inline" else
+              RayRunner(sweep.cpus_per_run, args.address, args.max_concurrent,
+                        args.checkpoint_every))
     report = run_sweep(sweep, Path(args.log_dir), runner, args.retry_failed,
                        not args.no_progress)
     statuses = [o.status for o in report.outcomes]

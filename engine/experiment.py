@@ -223,6 +223,18 @@ def resumable(log_dir: Path, run_id: str | None = None) -> tuple[str, dict]:
     return run_id, read_checkpoint(path)["meta"]
 
 
+def checkpoint_meta(log_dir: Path, run_id: str) -> dict | None:
+    """The meta of run `run_id`'s checkpoint under log_dir (an experiment's folder); None if
+    it has none, or one that cannot be read (of another version, or cut short)."""
+    path = checkpoint_path(log_dir, run_id)
+    if not path.is_file():
+        return None
+    try:
+        return read_checkpoint(path)["meta"]
+    except Exception:
+        return None
+
+
 def _ended(log_dir: Path) -> dict[str, str]:
     outcomes = read_table(log_dir, "outcomes").sort_by("finished_at")
     return dict(zip(outcomes["run_id"].to_pylist(), outcomes["status"].to_pylist(),

@@ -273,6 +273,35 @@ def test_a_killed_or_stopped_run_resumes_to_the_same_bits_without_a_row_twice(tm
     assert again.returncode == 2 and "no checkpoint to resume" in again.stderr
 
 
+def test_a_sweep_killed_mid_run_continues_that_run_from_its_checkpoint(tmp_path, clean):
+    """SIGKILL `run.py sweep` mid-run, run the same command again: the unfinished run goes
+    on from its checkpoint (not from round 0) and ends with a never-stopped run's model and
+    rows, each round once."""
+    import yaml
+
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": str(ROOT / "configs" / "quickstart.yaml"),
+        "set": {key: yaml.safe_load(value) for key, value in
+                (item.split("=") for item in QUICK)}}))
+    command = [sys.executable, "run.py", "sweep", str(sweep), "--backend", "inline",
+               "--checkpoint-every", "7", "--no-progress", "--log-dir", str(tmp_path)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_checkpoints(tmp_path / "sw", 2, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    rounds = read_table(tmp_path / "sw", "rounds")
+    assert 0 < rounds.num_rows < 100
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from its checkpoint" in again.stdout + again.stderr
+    assert _same(_final(tmp_path, "sw"), clean[0])
+    clients = read_table(tmp_path / "sw", "clients").select(["round", "client_id"]).to_pylist()
+    assert len(clients) == len({(c["round"], c["client_id"]) for c in clients}) == clean[1]
+    assert not list((tmp_path / "sw").glob("checkpoints/run_id=*/checkpoint.pkl"))
+
+
 RESUMED = {
     "fedbuff+scaffold": ("fedbuff_async", ["training.scaffold=true", "rounds=12"]),
     "fedcompass": ("fedcompass", ["rounds=10"]),

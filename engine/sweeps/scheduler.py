@@ -7,7 +7,9 @@ ordinary `run_experiment` inside it:
 - a k-CPU share gets a placement group of k 1-CPU bundles; the run's k pool actors are
   placed in it, and the task itself asks for no CPU (its driver mostly waits on the pools).
 At most (cluster CPUs / share) runs are in flight. A run that fails is recorded in the
-`outcomes` table with its error and the sweep goes on. Why not Ray Tune: see
+`outcomes` table with its error and the sweep goes on. A run left unfinished (the sweep was
+killed or stopped) continues from its checkpoint when the sweep is run again, as
+`run.py resume` would continue it. Why not Ray Tune: see
 docs/ARCHITECTURE.md (benchmarks/sweep_scheduler.py measures it).
 """
 
@@ -17,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,30 +37,52 @@ class RunOutcome:
     error: str | None
     final_accuracy: float
     wall_s: float
+    resumed: bool = False  # continued from an earlier attempt's checkpoint
 
 
 def execute_run(run: RunSpec, log_root: Path, options: RuntimeOptions) -> RunOutcome:
-    """One run of a sweep, from a clean slate (rows of an earlier, unfinished attempt are
-    removed first); an exception becomes a `failed` outcome, recorded, not raised."""
+    """One run of a sweep. An earlier, unfinished attempt with a checkpoint this run can use
+    is continued from it (the logs then equal an uninterrupted run's); otherwise the run
+    starts from a clean slate (that attempt's rows are removed first). An exception becomes a
+    `failed` outcome, recorded, not raised."""
     from engine.experiment import run_experiment
 
     log_dir = Path(log_root) / run.config.experiment
-    clear_run(log_dir, run.run_id)
+    pools = resumable_pools(log_dir, run, options)
+    if pools is None:
+        clear_run(log_dir, run.run_id)
+    else:  # the checkpoint's own pool layout (results do not depend on it)
+        options = replace(options, pools=pools)
     start = time.perf_counter()
     try:
         result = run_experiment(run.config, options, log_root, False, run.run_id, run.constants,
-                                show_notes=False)  # --dry-run lists them
+                                show_notes=False,  # --dry-run lists them
+                                resume=pools is not None)
     except Diverged as err:  # an outcome of the simulation, recorded by run_experiment
         return RunOutcome(run, "diverged", error_line(err), math.nan, time.perf_counter() - start)
     except Exception as err:
         record_failure(run, log_dir, options, err)
         return RunOutcome(run, "failed", error_line(err), math.nan, time.perf_counter() - start)
     return RunOutcome(run, "completed", None, result.loop.final_accuracy,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, pools is not None)
+
+
+def resumable_pools(log_dir: Path, run: RunSpec, options: RuntimeOptions) -> int | None:
+    """The number of pools of `run`'s checkpoint, if this attempt can continue from it: the
+    same config as resolved now (its digest) and no more pools than the run's share holds.
+    None: start afresh (no checkpoint, an unreadable one, or one of other code)."""
+    from engine.experiment import checkpoint_meta
+    from engine.resolve import digest
+
+    meta = checkpoint_meta(log_dir, run.run_id)
+    if meta is None or meta.get("digest") != digest(run.config) or meta.get("run_id") != run.run_id:
+        return None
+    return meta["pools"] if meta["pools"] <= (options.pools or 1) else None
 
 
 def clear_run(log_dir: Path, run_id: str) -> None:
-    for name, _ in TABLES.values():
+    """Remove what an earlier attempt of run `run_id` left: its rows and its checkpoint."""
+    for name in [name for name, _ in TABLES.values()] + ["checkpoints"]:
         shutil.rmtree(log_dir / name / f"run_id={run_id}", ignore_errors=True)
 
 
@@ -81,8 +105,8 @@ class InlineRunner:
 
     slots = running = 1
 
-    def __init__(self, cpus_per_run: int) -> None:
-        self.options = RuntimeOptions("inline", cpus_per_run)
+    def __init__(self, cpus_per_run: int, checkpoint_every: int = 50) -> None:
+        self.options = RuntimeOptions("inline", cpus_per_run, checkpoint_every=checkpoint_every)
 
     def run(self, runs: list[RunSpec], log_root: Path) -> Iterator[RunOutcome]:
         for run in runs:
@@ -93,10 +117,11 @@ class RayRunner:
     """Runs as Ray tasks, each holding `cpus_per_run` CPUs; yields outcomes as runs finish."""
 
     def __init__(self, cpus_per_run: int, address: str | None,
-                 max_concurrent: int | None) -> None:
+                 max_concurrent: int | None, checkpoint_every: int = 50) -> None:
         import ray
 
         self._ray, self.cpus_per_run = ray, cpus_per_run
+        self.checkpoint_every = checkpoint_every
         cpus = connect_ray(address)
         if cpus_per_run > cpus:
             from engine.core.errors import ConfigError
@@ -128,7 +153,7 @@ class RayRunner:
     def _submit(self, run: RunSpec, log_root: Path):
         k = self.cpus_per_run
         if k == 1:
-            options = RuntimeOptions("inline", 1)
+            options = RuntimeOptions("inline", 1, checkpoint_every=self.checkpoint_every)
             return self._task.options(num_cpus=1).remote(run, str(log_root), options), None
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -136,7 +161,7 @@ class RayRunner:
         group = placement_group([{"CPU": 1}] * k, strategy="PACK")
         strategy = PlacementGroupSchedulingStrategy(group,
                                                     placement_group_capture_child_tasks=True)
-        options = RuntimeOptions("ray", k, cpus=k)
+        options = RuntimeOptions("ray", k, cpus=k, checkpoint_every=self.checkpoint_every)
         ref = self._task.options(num_cpus=0, scheduling_strategy=strategy).remote(
             run, str(log_root), options)
         return ref, group
@@ -202,4 +227,6 @@ def _line(outcome: RunOutcome) -> str:
     head = f"{outcome.run.run_id} [{outcome.run.label()}]"
     if outcome.status in ("failed", "diverged"):
         return f"  {outcome.status:<9} {head}: {outcome.error}"
-    return f"  completed {head}: accuracy {outcome.final_accuracy:.4f} ({outcome.wall_s:.1f} s)"
+    resumed = ", resumed from its checkpoint" if outcome.resumed else ""
+    return (f"  completed {head}: accuracy {outcome.final_accuracy:.4f} "
+            f"({outcome.wall_s:.1f} s{resumed})")
