@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(err, Terminated) else "interrupted"
         print(f"{what}: the run's outcome is recorded as interrupted; rows already flushed are "
               "kept in the log directory", file=sys.stderr)
+        for command in getattr(err, "__notes__", []):  # engine/experiment.py adds it
+            print(f"  to continue it: {command}", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     except (PoolLost, PoolDied) as err:  # PoolDied: before the run's first checkpoint
         print(f"error: {err}; rows already flushed are kept in the log directory",

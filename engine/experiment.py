@@ -142,8 +142,10 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
         save_model(model_path(log_dir, run_id), b.task.model, loop.params)
         checkpoint.unlink(missing_ok=True)  # a completed run is not resumed: its model stays
         status = "completed"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status = "interrupted"
+        if checkpoint.is_file():  # the command that continues it, for run.py to print
+            err.add_note(f"python run.py resume {log_dir} --run-id {run_id}")
         raise
     except Diverged as err:
         status, error = "diverged", error_line(err)

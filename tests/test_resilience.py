@@ -257,8 +257,10 @@ def test_a_killed_or_stopped_run_resumes_to_the_same_bits_without_a_row_twice(tm
                      wait=False)
     _wait_checkpoints(log, 2, proc)
     proc.send_signal(sig)
-    proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert read_table(log, "rounds").num_rows < 100
+    if sig == signal.SIGTERM:  # the command that continues it
+        assert f"to continue it: python run.py resume {log} --run-id" in stderr
     done = subprocess.run([sys.executable, "run.py", "resume", str(log), "--no-progress"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
