@@ -24,6 +24,9 @@ def ray_cluster():
     if not ray.is_initialized():
         start_private_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
+    from engine.backends.runtime import drop_kept_hosts
+
+    drop_kept_hosts()  # pool hosts kept by tests that reuse them (reuse_actors=True)
     ray.shutdown()
 
 

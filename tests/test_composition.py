@@ -62,7 +62,7 @@ def _run(name: str, options: RuntimeOptions, root):
 @pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_combination_runs_and_matches_on_ray(name, tmp_path, ray_cluster):
     inline, rows = _run(name, RuntimeOptions("inline", 1), tmp_path / "inline")
-    ray, ray_rows = _run(name, RuntimeOptions("ray", 2), tmp_path / "ray")
+    ray, ray_rows = _run(name, RuntimeOptions("ray", 2, reuse_actors=True), tmp_path / "ray")
     assert inline.loop.rounds_done == 4 and math.isfinite(inline.loop.final_accuracy)
     assert np.isfinite(inline.loop.params.numpy()).all()
     assert rows.equals(ray_rows), name

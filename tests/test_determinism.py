@@ -29,8 +29,8 @@ def runs(tmp_path_factory, ray_cluster):
     tmp = tmp_path_factory.mktemp("det")
     return {
         "inline": _run(tmp, "inline", RuntimeOptions("inline")),
-        "ray1": _run(tmp, "ray1", RuntimeOptions("ray", pools=1)),
-        "ray2": _run(tmp, "ray2", RuntimeOptions("ray", pools=2)),
+        "ray1": _run(tmp, "ray1", RuntimeOptions("ray", pools=1, reuse_actors=True)),
+        "ray2": _run(tmp, "ray2", RuntimeOptions("ray", pools=2, reuse_actors=True)),
         "inline3": _run(tmp, "inline3", RuntimeOptions("inline", pools=3)),
     }
 
@@ -59,7 +59,7 @@ def test_scaffold_is_layout_independent(tmp_path, ray_cluster, server):
     cfg = small_config(rounds=3, training={"scaffold": True}, server=server)
     params = [run_experiment(cfg, options, tmp_path, False).loop.params for options in
               (RuntimeOptions("inline"), RuntimeOptions("inline", pools=3),
-               RuntimeOptions("ray", pools=2))]
+               RuntimeOptions("ray", pools=2, reuse_actors=True))]
     assert torch.equal(params[0], params[1]) and torch.equal(params[0], params[2])
     plain = run_experiment(small_config(rounds=3, server=server), RuntimeOptions("inline"),
                            tmp_path, False)
@@ -103,7 +103,7 @@ def test_attacks_and_holistic_rules_do_not_depend_on_layout(tmp_path, ray_cluste
                                                              aggregation):
     """Attacks see id-ordered updates and seeded draws; holistic rules get the full stack."""
     models = []
-    for options in [RuntimeOptions("inline"), RuntimeOptions("ray", pools=2),
+    for options in [RuntimeOptions("inline"), RuntimeOptions("ray", pools=2, reuse_actors=True),
                     RuntimeOptions("inline", pools=3)]:
         cfg = small_config(rounds=3, attack=attack, aggregation=aggregation,
                            population={"participation": {"clients_per_round": 8}})

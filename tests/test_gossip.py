@@ -283,7 +283,8 @@ def test_whole_runs_are_identical_for_any_layout(tmp_path, ray_cluster):
         logged = []
         for backend, pools in [("inline", 1), ("inline", 3), ("ray", 2)]:
             root = tmp_path / f"{name}-{backend}-{pools}"
-            run_experiment(cfg, RuntimeOptions(backend, pools), root, False)
+            run_experiment(cfg, RuntimeOptions(backend, pools, reuse_actors=backend == "ray"),
+                           root, False)
             rounds = read_table(root / cfg.experiment, "rounds").sort_by("round")
             peers = read_table(root / cfg.experiment, "peers").sort_by([("round", "ascending"),
                                                                          ("peer_id", "ascending")])

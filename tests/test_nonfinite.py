@@ -140,7 +140,7 @@ def test_updates_dropped_near_overflow_give_the_same_bits_in_any_layout(tmp_path
                ["training.lr=1e6", "rounds=5", "eval_every=0", "diverge_after=0"])
     tables = []
     for i, options in enumerate([RuntimeOptions("inline", 1), RuntimeOptions("inline", 3),
-                                 RuntimeOptions("ray", 2)]):
+                                 RuntimeOptions("ray", 2, reuse_actors=True)]):
         with pytest.raises(Diverged, match="test loss is nan after round 4"):
             run_experiment(cfg, options, tmp_path / str(i), False)
         rounds = read_table(tmp_path / str(i) / "quickstart", "rounds").sort_by("round")

@@ -173,6 +173,6 @@ def small_task():
 def test_weighted_runs_are_layout_independent(tmp_path, ray_cluster, chain_):
     cfg = small_config(rounds=3, aggregation=chain_)
     runs = [run_experiment(cfg, options, tmp_path, False).loop for options in
-            (RuntimeOptions("inline"), RuntimeOptions("ray", pools=2))]
+            (RuntimeOptions("inline"), RuntimeOptions("ray", pools=2, reuse_actors=True))]
     assert torch.equal(runs[0].params, runs[1].params)
     assert runs[0].final_accuracy > 0.5

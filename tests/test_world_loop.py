@@ -332,7 +332,8 @@ def test_faulty_gossip_is_the_same_on_ray_with_two_pools(tmp_path, ray_cluster):
                     failures={"crash": {"rate": 0.35}, "message_loss": 0.2})
     raw["population"].pop("participation", None)
     cfg = build_config(raw)
-    on_ray = run_experiment(cfg, RuntimeOptions("ray", 2), tmp_path / "ray", False)
+    on_ray = run_experiment(cfg, RuntimeOptions("ray", 2, reuse_actors=True), tmp_path / "ray",
+                            False)
     inline = run_experiment(cfg, INLINE, tmp_path / "inline", False)
     crashed = read_table(on_ray.log_dir, "events")["kind"].to_pylist().count("crash")
     assert crashed >= 5
