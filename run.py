@@ -110,8 +110,12 @@ def _summary(cfg, result) -> int:
     peers = cfg.mode == "decentralized"
     print(f"run {result.run_id}: {loop.rounds_done} rounds in {loop.wall_s:.1f} s "
           f"({result.updates_per_s:,.0f} {'peer' if peers else 'client'}-updates/s)")
-    model = "averaged model" if peers else "test accuracy"
-    print(f"  {model}: final {loop.final_accuracy:.4f}, best {loop.best_accuracy:.4f}"
+    acting = result.metric == "test return"
+    model = ("averaged model's test return" if acting else "averaged model") if peers \
+        else result.metric
+    digits = 1 if acting else 4
+    print(f"  {model}: final {loop.final_accuracy:.{digits}f}, "
+          f"best {loop.best_accuracy:.{digits}f}"
           + (f"; consensus distance {loop.consensus_distance:.4g}" if peers else ""))
     print(f"  logs: {result.log_dir}/  (python run.py analyze {result.log_dir})")
     return 0

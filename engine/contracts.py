@@ -44,6 +44,7 @@ from scenarios.adversaries import ATTACKS, Attack
 from scenarios.availability import AVAILABILITY, Availability
 from scenarios.datasets import DATASETS
 from scenarios.distributions import DISTRIBUTIONS, Distribution
+from scenarios.environments import Environments
 from scenarios.mixing import MIXING, column_stochastic
 from scenarios.models import MODELS, ModelSpec
 from scenarios.partition import PARTITIONS
@@ -348,13 +349,47 @@ def check_dataset(factory: Callable, params: dict | None = None,
     def load(seed: int):
         return source(8, np.random.default_rng(seed))
 
-    x, y, owner, classes, shape = load(0)
+    drawn = load(0)
+    if isinstance(drawn, Environments):
+        return _check_environments(drawn, load, remote)
+    x, y, owner, classes, shape = drawn
     assert x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == int(np.prod(shape))
     _finite(x, "features")
     assert y.dtype == np.int64 and y.shape == (x.shape[0],) and 0 <= y.min() <= y.max() < classes
     assert owner is None or owner.shape == y.shape, "an owner per sample"
     _same(load(0)[:2], (x, y), "the same generator, other samples")
     _same(remote(load, 0)[:2], (x, y), "another process, other samples")
+
+
+def _check_environments(drawn: Environments, load: Callable, remote: Remote) -> None:
+    """An environment entry: finite physics for each of the 8 clients and the test set; a
+    vector of them resets and steps to observations of the family's shape and finite
+    rewards, the same for the same generators; the same physics in any process."""
+    env = drawn.env
+    for physics, n in ((env.physics, 8), (env.test_physics, None)):
+        assert set(physics) == set(env.family.physics), "every physical parameter"
+        for values in physics.values():
+            assert values.ndim == 1 and (n is None or values.size == n), "one value per env"
+            _finite(values, "physics")
+    assert drawn.rollout_steps >= 1
+
+    def episode(seed: int):
+        envs = env.family.make(env.physics, [np.random.default_rng([seed, i]) for i in range(8)])
+        obs, _ = envs.reset()
+        out = [obs]
+        for _ in range(20):
+            obs, reward, terminated, truncated, _ = envs.step(np.zeros(8, dtype=np.int64))
+            assert obs.shape == (8, env.family.obs_dim), "[envs, obs_dim] observations"
+            _finite(reward, "rewards")
+            out.append(obs)
+        return np.stack(out)
+
+    _same(episode(0), episode(0), "the same generators, another episode")
+    def stacked(physics: dict) -> np.ndarray:
+        return np.stack([physics[k] for k in sorted(physics)])
+
+    _same(stacked(remote(load, 0).env.physics), stacked(env.physics),
+          "another process, other physics")
 
 
 def check_model(factory: Callable, params: dict | None = None,

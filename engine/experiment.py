@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from engine.backends.runtime import RuntimeOptions
-from engine.compute.evaluation import Evaluator
+from engine.compute.evaluation import task_evaluator
 from engine.compute.pool import PoolSpec
 from engine.compute.training import LocalSGD, pin_torch_arithmetic
 from engine.core.checkpoint import write_atomic
@@ -40,6 +40,7 @@ from engine.records.logs import (
 from engine.records.progress import RoundProgress
 from engine.resolve import build_task, config_yaml, digest, resolve
 from scenarios.adversaries import Adversary, build_adversary
+from scenarios.environments import EnvTask
 from scenarios.models import ModelSpec
 from scenarios.task import FederatedTask
 
@@ -49,6 +50,7 @@ class RunResult:
     run_id: str
     log_dir: Path
     loop: LoopResult
+    metric: str = "test accuracy"  # what loop.final_accuracy measures ("test return": RL)
 
     @property
     def updates_per_s(self) -> float:
@@ -131,7 +133,7 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
             row = run_row(cfg, options, pools.num_pools, b.params.numel(), started)
             logger.append(b.mode.describe(row, b.world))
             logger.flush()
-        evaluator = Evaluator(b.task.model, b.task.data.x_test, b.task.data.y_test)
+        evaluator = task_evaluator(b.task, cfg.seed)
         meta = {"config": cfg.to_dict(), "run_id": run_id, "digest": digest(cfg),
                 "backend": options.backend, "pools": pools.num_pools,
                 "constants": dict(constants or {})}
@@ -164,7 +166,8 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
                 raise
         finally:
             pools.close()
-    return RunResult(run_id, log_dir, loop)
+    return RunResult(run_id, log_dir, loop,
+                     "test return" if isinstance(b.task, EnvTask) else "test accuracy")
 
 
 def model_path(log_dir: Path, run_id: str) -> Path:

@@ -22,13 +22,14 @@ from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
 from engine.protocols import protocol_of
-from engine.protocols.base import Plugins, check_settings
+from engine.protocols.base import Plugins, changed_paths, check_settings
 from policies.asynchronous import SERVER_RULES
 from policies.compression import COMPRESSORS
 from policies.registry import (
     AGGREGATION,
     CONSENSUS,
     build_consensus,
+    chain_needs,
     consensus_spec,
     stage_specs,
 )
@@ -38,6 +39,7 @@ from scenarios.adversaries import ATTACKS
 from scenarios.availability import AVAILABILITY
 from scenarios.datasets import DATASETS
 from scenarios.distributions import DISTRIBUTIONS
+from scenarios.environments import ENVIRONMENT_ENTRIES
 from scenarios.mixing import MIXING, column_stochastic
 from scenarios.models import MODELS
 from scenarios.partition import PARTITIONS
@@ -92,6 +94,8 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
     consensus = build_consensus(consensus_spec(cfg.consensus), column_stochastic(mixing))
     protocol = protocol_of(cfg, built["server"], consensus)
     check_settings(cfg, protocol)
+    if acting(built["task"]):
+        check_acting(cfg, built, aggregation)
     attack = built["attack"]
     mode_fits = attack.for_servers if cfg.mode == "federated" else attack.for_peers
     if not mode_fits:
@@ -111,6 +115,45 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
         server=built["server"], attack=attack, topology=built["topology"], mixing=mixing,
         aggregation=aggregation, consensus=consensus, protocol=protocol,
     )
+
+
+# what a task learnt by acting (PPO in each client's environment) does without, and why
+_NOT_ACTING = {
+    "partition": "every client owns an environment, not a share of a dataset",
+    "task.test_fraction": "the model is scored on held-out environments (test_envs)",
+    "task.max_test_samples": "the model is scored on held-out environments (test_envs)",
+    "gossip.peer_test_samples": "peers are scored on the held-out environments",
+    "training.executor": "PPO acts and learns in the clients' environments",
+    "training.momentum": "PPO's steps are Adam's",
+    "training.prox_mu": "PPO's objective has no proximal term here",
+    "training.scaffold": "PPO's steps take no control variate",
+    "training.max_local_steps": "PPO takes epochs x minibatches steps",
+    "training.min_local_steps": "PPO takes epochs x minibatches steps",
+}
+
+
+def acting(dataset) -> bool:
+    """Whether a resolved `task.dataset` is an environment (its clients learn by acting)."""
+    return getattr(dataset, "func", dataset) in ENVIRONMENT_ENTRIES
+
+
+def check_acting(cfg: ExperimentConfig, built: dict, aggregation) -> None:
+    """One ConfigError line for a setting that a task learnt by acting would not use."""
+    task = f"task.dataset={cfg.task.dataset} (clients learn by acting)"
+    for path in changed_paths(cfg):
+        for prefix, why in _NOT_ACTING.items():
+            if path == prefix or path.startswith(prefix + "."):
+                raise ConfigError(f"{path}: {task} does not use it ({why}); remove it")
+    needs = chain_needs(aggregation) & {"label_counts", "fisher"}
+    if needs:
+        raise ConfigError(f"aggregation: {task} has no {' or '.join(sorted(needs))} "
+                          "(a stage of the chain reads it from the clients' data)")
+    if built["attack"].poisons_labels:
+        raise ConfigError(f"attack.kind={cfg.attack.kind}: {task} has no labels to flip; "
+                          "attacks on updates apply (sign_flip, gaussian, alie, ipm, min_max)")
+    if built["population.availability"].chooses_steps:
+        raise ConfigError(f"population.availability.kind={cfg.population.availability.kind}: "
+                          f"{task} takes PPO's steps, not the clients' own")
 
 
 def _fits(kind: str, mode: str) -> bool:

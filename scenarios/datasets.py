@@ -13,6 +13,7 @@ from pydantic import Field
 
 from engine.core.errors import ConfigError
 from engine.core.plugins import Registry
+from scenarios.environments import Environments, cartpole_clients
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,18 @@ def holdout_mask(n: int, fraction: float, owner: np.ndarray | None, rng: np.rand
     return mask
 
 
-DATASETS: Registry[Callable[..., Samples]] = Registry("dataset", {
+DATASETS: Registry[Callable[..., Samples | Environments]] = Registry("dataset", {
     "digits": digits, "synthetic": synthetic,
+    # environments: clients learn by acting in them (scenarios/environments.py)
+    "cartpole": cartpole_clients,
 }, runtime=("num_clients", "rng"))
 
 
-def load_dataset(source: Callable[..., Samples], num_clients: int, test_fraction: float,
+def load_dataset(samples: Samples, num_clients: int, test_fraction: float,
                  max_test_samples: int, rng: np.random.Generator) -> Dataset:
-    """The dataset's samples with a test set held out for evaluating the global model."""
-    x, y, owner, num_classes, shape = source(num_clients, rng)
+    """The dataset's samples (a DATASETS entry's, drawn with `rng`) with a test set held out
+    for evaluating the global model."""
+    x, y, owner, num_classes, shape = samples
     held = holdout_mask(len(y), test_fraction, owner, rng)
     test_idx = np.flatnonzero(held)
     if test_idx.size == 0:

@@ -10,6 +10,7 @@ import numpy as np
 from engine.core.config import SupermaskConfig
 from engine.core.seeds import SeedTree
 from scenarios.datasets import Dataset, load_dataset
+from scenarios.environments import Environments, EnvTask
 from scenarios.models import ModelSpec
 from scenarios.partition import partition
 
@@ -51,10 +52,19 @@ class FederatedTask:
 def build_task(dataset: Callable, partitioner: Callable, architecture: Callable,
                num_clients: int, seeds: SeedTree, test_fraction: float,
                max_test_samples: int, supermask: SupermaskConfig | None = None
-               ) -> FederatedTask:
+               ) -> FederatedTask | EnvTask:
     """The data (a DATASETS entry, test set held out), who owns each training sample (a
-    PARTITIONS entry) and the model (a MODELS architecture), all from the seed tree."""
-    data = load_dataset(dataset, num_clients, test_fraction, max_test_samples, seeds.rng("data"))
+    PARTITIONS entry) and the model (a MODELS architecture), all from the seed tree. An
+    environment entry gives an EnvTask instead: every client's environment, and the policy
+    (the architecture with one output per action and one for the state value)."""
+    rng = seeds.rng("data")
+    drawn = dataset(num_clients, rng)
+    if isinstance(drawn, Environments):
+        family = drawn.env.family
+        model = ModelSpec(architecture, (family.obs_dim,), family.num_actions + 1)
+        model.build()
+        return EnvTask(drawn, model, num_clients)
+    data = load_dataset(drawn, num_clients, test_fraction, max_test_samples, rng)
     owner = partition(data.y_train, num_clients, partitioner, seeds.rng("partition"),
                       data.owner_train)
     model = ModelSpec(architecture, data.input_shape, data.num_classes, supermask,

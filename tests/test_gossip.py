@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.backends.runtime import RuntimeOptions, make_pools
+from engine.compute.evaluation import task_evaluator
 from engine.compute.peers import PeerPool, PeerSpec
 from engine.compute.pool import PoolSpec
 from engine.compute.training import EXECUTORS, LocalSGD
@@ -49,7 +50,7 @@ def peer_pools(num_pools: int, consensus: str = "gossip", mixing: str = "metropo
     policy = build_consensus(CONSENSUS.spec({consensus: kwargs}, "consensus"),
                              mixing == "push_sum")
     peers = PeerSpec(policy, "shared", np.zeros(0, dtype=np.int64), None,
-                     task.data.x_test[:20], task.data.y_test[:20], consensus_step)
+                     task_evaluator(task, cfg.seed, np.arange(20)), consensus_step)
     return make_pools(task, spec, RuntimeOptions(backend, num_pools), PeerPool,
                       (peers, params.numpy())), params.numel()
 

@@ -112,7 +112,7 @@ def test_a_run_that_crashes_mid_loop_records_how_it_ended(tmp_path, monkeypatch)
                 raise RuntimeError("evaluation\nfailed")
             return 1.0, 0.5
 
-    monkeypatch.setattr(experiment, "Evaluator", Exploding)
+    monkeypatch.setattr(experiment, "task_evaluator", Exploding)
     with pytest.raises(RuntimeError):
         experiment.run_experiment(small_config(), RuntimeOptions("inline"), tmp_path, False)
     (outcome,) = read_table(tmp_path / "test", "outcomes").to_pylist()

@@ -80,7 +80,8 @@ def test_holdout_keeps_a_training_sample_per_client():
 
 
 def test_digits_split_and_scale():
-    data = load_dataset(DATASETS.make("digits"), 10, 0.2, 10_000, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    data = load_dataset(DATASETS.make("digits")(10, rng), 10, 0.2, 10_000, rng)
     assert len(data.y_train) + len(data.y_test) == 1797
     assert abs(len(data.y_test) - 359) <= 1
     assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0

@@ -68,8 +68,8 @@ def load_runs(log_dir: Path, target: float = DEFAULT_TARGET) -> Runs:
     rounds = read_table(log_dir, "rounds")
     table = runs.select(["run_id", "experiment", *swept, "seed", "backend", "num_pools",
                          "rounds_planned", "started_at", "config_yaml"])
-    for part in (_progress(rounds), _accuracy(rounds), _to_target(rounds, target),
-                 _outcomes(read_table(log_dir, "outcomes"))):
+    for part in (_progress(rounds), _accuracy(rounds), _returns(rounds),
+                 _to_target(rounds, target), _outcomes(read_table(log_dir, "outcomes"))):
         table = table.join(part, "run_id", join_type="left outer")
     table = table.sort_by([("started_at", "ascending"), ("run_id", "ascending")])
     configs = [yaml.safe_load(text) or {} for text in table["config_yaml"].to_pylist()]
@@ -91,6 +91,13 @@ def _accuracy(rounds: pa.Table) -> pa.Table:
     return evaluated.group_by("run_id", use_threads=False).aggregate(
         [("test_accuracy", "last"), ("test_accuracy", "max"), ("peer_accuracy_min", "last"),
          ("peer_accuracy_max", "last")])
+
+
+def _returns(rounds: pa.Table) -> pa.Table:
+    """Tasks learnt by acting: the last and best evaluated mean test return."""
+    evaluated = _by_round(rounds.filter(pc.is_valid(rounds["test_return"])))
+    return evaluated.group_by("run_id", use_threads=False).aggregate(
+        [("test_return", "last"), ("test_return", "max")])
 
 
 def _to_target(rounds: pa.Table, target: float) -> pa.Table:
@@ -121,6 +128,8 @@ def _summary_columns(table: pa.Table, swept: list[str], configs: list[dict]) -> 
         **{c: table[c] for c in ["backend", "num_pools"]},
         "rounds": table["round_count"], "rounds_planned": table["rounds_planned"],
         "final_accuracy": table["test_accuracy_last"], "best_accuracy": table["test_accuracy_max"],
+        **({"final_return": table["test_return_last"], "best_return": table["test_return_max"]}
+           if table["test_return_last"].null_count < table.num_rows else {}),  # RL runs only
         "consensus_dist": table["consensus_distance_last"],
         "peer_acc_min": table["peer_accuracy_min_last"],
         "peer_acc_max": table["peer_accuracy_max_last"],

@@ -1,4 +1,5 @@
-"""Evaluate a flat parameter vector on a held-out test set."""
+"""Evaluate a flat parameter vector: on a held-out test set, or, for a task whose clients
+learn by acting, on held-out environments (engine/compute/rl.py ReturnEvaluator)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from engine.compute.rl import ReturnEvaluator
 from engine.core.params import ParamSpec
+from scenarios.environments import EnvTask
 from scenarios.models import ModelSpec
+from scenarios.task import FederatedTask
 
 
 class Evaluator:
@@ -30,3 +34,13 @@ class Evaluator:
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == y).sum())
         return loss / len(self.y), correct / len(self.y)
+
+
+def task_evaluator(task: FederatedTask | EnvTask, seed: int,
+                   rows: np.ndarray | None = None) -> Evaluator | ReturnEvaluator:
+    """What scores a task's models: (test loss, accuracy) on its held-out samples (`rows` of
+    them, default all), or (None, None, mean test return) on its held-out environments."""
+    if isinstance(task, EnvTask):
+        return ReturnEvaluator(task.model, task.envs.env, seed)
+    x, y = task.data.x_test, task.data.y_test
+    return Evaluator(task.model, x if rows is None else x[rows], y if rows is None else y[rows])

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from engine.compute.evaluation import Evaluator
-from engine.compute.pool import PoolSpec, ShardTrainer
+from engine.compute.pool import PoolSpec, make_trainer
+from engine.compute.rl import ReturnEvaluator
 from engine.compute.state import Checkpointed, PeerModels, RowState
 from engine.core.neighbourhood import Forge, Neighbourhood
 from engine.core.params import init_params
@@ -32,8 +33,7 @@ class PeerSpec:
     init: str  # "shared": every peer starts from one model; "independent": one seed each
     byzantine: np.ndarray  # sorted global ids of Byzantine peers (forge their messages)
     forge: Forge | None
-    x_test: np.ndarray  # the test sample each evaluated peer is scored on
-    y_test: np.ndarray
+    evaluator: Evaluator | ReturnEvaluator  # what scores each evaluated peer
     consensus_step: float = 1.0  # CHOCO-SGD's gamma, with compressed gossip
 
 
@@ -79,6 +79,14 @@ class PeerScores:
     test_loss: np.ndarray
     test_accuracy: np.ndarray
     distance: np.ndarray  # ||z_i - mean model||^2
+    test_return: np.ndarray  # a task learnt by acting (loss and accuracy then null)
+
+
+def _column(values: tuple) -> np.ndarray:
+    """float64 values, or an object column of nulls (a score this task does not have)."""
+    if any(v is None for v in values):
+        return np.array(values, dtype=object)
+    return np.array(values, dtype=np.float64)
 
 
 Export = tuple[np.ndarray, np.ndarray, np.ndarray]  # (global ids, models [e, P], mass [e])
@@ -90,10 +98,10 @@ class PeerPool(Checkpointed):
 
     def __init__(self, spec: PoolSpec, shard: Shard, peers: PeerSpec,
                  params: np.ndarray) -> None:
-        self.trainer = ShardTrainer(spec, shard)
+        self.trainer = make_trainer(spec, shard)
         self.spec, self.peers, self.seeds = spec, peers, self.trainer.seeds
         self.client_ids = shard.client_ids
-        self.evaluator = Evaluator(spec.model, peers.x_test, peers.y_test)
+        self.evaluator = peers.evaluator
         self.state = PeerModels(self._initial_models(torch.from_numpy(np.array(params,
                                                                                 copy=True))))
         self.honest = torch.from_numpy(~np.isin(self.client_ids, peers.byzantine))
@@ -255,10 +263,12 @@ class PeerPool(Checkpointed):
 
     def evaluate_peers(self, peer_ids: np.ndarray, mean_model: np.ndarray) -> PeerScores:
         z = self.models()[self.trainer.local(peer_ids)]
-        scores = np.array([self.evaluator(row) for row in z]).reshape(-1, 2)
+        scores = [(*self.evaluator(row), None)[:3] for row in z]  # (loss, accuracy, return)
+        loss, accuracy, returns = (_column(c) for c in zip(*scores, strict=True)) \
+            if scores else (np.zeros(0),) * 3
         dist = torch.linalg.vector_norm(z.double() - torch.from_numpy(np.array(mean_model)),
                                         dim=1) ** 2
-        return PeerScores(peer_ids, scores[:, 0], scores[:, 1], dist.numpy())
+        return PeerScores(peer_ids, loss, accuracy, dist.numpy(), returns)
 
     def _exports(self, wanted: list[np.ndarray], publish: bool = True) -> list[Export]:
         """The rows each pool reads next: the models, or with compressed gossip the public

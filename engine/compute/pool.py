@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.compute.rl import EnvTrainer
+from engine.compute.shards import ShardIds
 from engine.compute.state import Checkpointed, RowState
 from engine.compute.training import (
     DiagonalFisher,
@@ -23,12 +25,12 @@ from engine.compute.training import (
     step_budget,
     step_budgets,
 )
-from engine.core import tree
 from engine.core.params import ParamSpec, flatten_module
 from engine.core.seeds import SeedTree
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
 from policies.compression import Compressor, none, with_error_feedback
+from scenarios.environments import EnvShard
 from scenarios.models import ModelSpec
 from scenarios.task import Shard
 
@@ -105,7 +107,7 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x).all(dim=1)
 
 
-class ShardTrainer:
+class ShardTrainer(ShardIds):
     """A shard of clients (their data as CSR rows) and the executor that trains any of them:
     what a client pool and a peer pool share. Holds no per-client state across rounds."""
 
@@ -131,10 +133,6 @@ class ShardTrainer:
         self.label_counts = torch.from_numpy(np.bincount(
             owner * classes + np.asarray(shard.y, dtype=np.int64),
             minlength=self.client_ids.size * classes).reshape(-1, classes))
-
-    def local(self, client_ids: np.ndarray) -> torch.Tensor:
-        """Rows of the shard's clients `client_ids` (a subset of it)."""
-        return torch.from_numpy(np.searchsorted(self.client_ids, client_ids))
 
     def local_training(self, params: torch.Tensor, client_ids: np.ndarray, round_idx: int,
                        keys: np.ndarray | None = None, max_steps: int | None = None,
@@ -165,12 +163,13 @@ class ShardTrainer:
         return Trained(*(None if parts[0] is None else torch.cat(parts) for parts in zip(
             *((b.deltas, b.losses, b.steps, b.momentum) for b in blocks), strict=True))), counts
 
-    def partial_sums(self, values: torch.Tensor, client_ids: torch.Tensor) -> TreeSums:
-        """This shard's part of the fixed id tree of `values` (every node whose ids it holds
-        entirely); merges in place into `values`."""
-        leaves = TreeSums.leaves(values, client_ids)
-        lo, hi = int(self.client_ids[0]), int(self.client_ids[-1]) + 1
-        return tree.merge(leaves, lo, hi, overwrite=True)
+
+
+def make_trainer(spec: PoolSpec, shard: Shard | EnvShard) -> ShardTrainer | EnvTrainer:
+    """A shard's trainer: local SGD on its clients' rows, or PPO in their environments."""
+    if isinstance(shard, EnvShard):
+        return EnvTrainer(spec.model, shard, spec.hp, spec.seed)
+    return ShardTrainer(spec, shard)
 
 
 class ClientPool(Checkpointed):
@@ -178,7 +177,7 @@ class ClientPool(Checkpointed):
     client's SCAFFOLD control variate and compression residual as components."""
 
     def __init__(self, spec: PoolSpec, shard: Shard) -> None:
-        self.trainer = t = ShardTrainer(spec, shard)
+        self.trainer = t = make_trainer(spec, shard)
         self.spec, self.client_ids, self.seeds = spec, shard.client_ids, t.seeds
         self.fisher = DiagonalFisher(t.model, t.param_spec) if spec.fisher else None
         n, size = self.client_ids.size, t.param_spec.size

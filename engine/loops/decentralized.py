@@ -149,7 +149,7 @@ class PeerEvaluation:
     def __call__(self, mean: np.ndarray, r: int) -> Scores:
         scored = _evaluate(self.setup, self.pools, self.evaluator, mean, r)
         self.peers = scored.peers
-        return Scores(scored.mean_loss, scored.mean_accuracy)
+        return scored.mean
 
     def taken(self) -> PeerScores | None:
         """The last evaluation's peer scores, once (None when the round was not evaluated)."""
@@ -243,8 +243,7 @@ def _honest_losses(trained: list[PeerTrainStats], byzantine: np.ndarray) -> np.n
 
 @dataclass(frozen=True)
 class _Scored:
-    mean_loss: float
-    mean_accuracy: float
+    mean: Scores  # the averaged model's
     peers: PeerScores | None
 
 
@@ -252,13 +251,14 @@ def _evaluate(setup: GossipSetup, pools: Pools, evaluator: Evaluator, mean: np.n
               r: int) -> _Scored:
     """The averaged model on the test set, and a seeded sample of honest peers on a test
     sample (every honest peer when eval_peers is 0)."""
-    loss, acc = evaluator(torch.from_numpy(mean.astype(np.float32)))
+    averaged = Scores(*evaluator(torch.from_numpy(mean.astype(np.float32))))
     sample = _peer_sample(setup, int(pools.bounds[-1]), r)
     parts = np.split(sample, np.searchsorted(sample, pools.bounds[1:-1]))
     scores = pools.get(pools.map(PeerPool.evaluate_peers, [(ids, mean) for ids in parts]))
     joined = PeerScores(*(np.concatenate(c) for c in zip(*[
-        (s.peer_ids, s.test_loss, s.test_accuracy, s.distance) for s in scores], strict=True)))
-    return _Scored(loss, acc, joined)
+        (s.peer_ids, s.test_loss, s.test_accuracy, s.distance, s.test_return) for s in scores],
+        strict=True)))
+    return _Scored(averaged, joined)
 
 
 def _peer_sample(setup: GossipSetup, n: int, r: int) -> np.ndarray:
@@ -280,6 +280,7 @@ def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained,
         round=[r], num_selected=[n], num_updates=[n],
         num_byzantine=[setup.byzantine.size], train_loss=[done.train_loss],
         test_loss=[scores.loss], test_accuracy=[scores.accuracy],
+        test_return=[scores.test_return],
         mean_update_norm=[MISSING], round_wall_s=[timing.round_s], train_wall_s=[done.train_s],
         aggregate_wall_s=[done.aggregate_s], eval_wall_s=[timing.eval_s],
         wall_time_s=[timing.wall_s], client_updates_per_s=[n / max(timing.round_s, 1e-9)],
@@ -292,7 +293,7 @@ def _log_round(logger: RunLogger, setup: GossipSetup, r: int, trained,
 
 def peer_accuracy(acc: np.ndarray | None) -> dict[str, list]:
     """The rounds columns of the evaluated peers' accuracy (MISSING when none was scored)."""
-    if acc is None or not acc.size:
+    if acc is None or not acc.size or acc.dtype == object:  # none scored, or no accuracy
         return {"peer_accuracy_mean": [MISSING], "peer_accuracy_min": [MISSING],
                 "peer_accuracy_max": [MISSING]}
     return {"peer_accuracy_mean": [float(acc.mean())], "peer_accuracy_min": [float(acc.min())],
@@ -324,4 +325,5 @@ def peer_rows(r: int, peers: PeerScores, bounds: np.ndarray, trained: list[PeerT
         test_loss=peers.test_loss, test_accuracy=peers.test_accuracy,
         distance_to_mean=peers.distance, byzantine=np.zeros(size, dtype=bool),
         bytes_sent=np.zeros(size, np.int64) if sent is None else sent[peers.peer_ids],
+        test_return=peers.test_return,
     )

@@ -160,6 +160,7 @@ def _round_row(plan: RoundPlan, updates: Updates, byzantine: np.ndarray, rows: C
         round=[plan.round], num_selected=[plan.selected.size], num_updates=[updates.num_clients],
         num_byzantine=[int(byzantine.sum())], train_loss=[done.train_loss],
         test_loss=[scores.loss], test_accuracy=[scores.accuracy],
+        test_return=[scores.test_return],
         mean_update_norm=[float(norms.mean()) if norms.size else MISSING],
         round_wall_s=[timing.round_s], train_wall_s=[done.train_s],
         aggregate_wall_s=[done.aggregate_s], eval_wall_s=[timing.eval_s],

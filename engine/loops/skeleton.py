@@ -5,7 +5,8 @@ summary. A protocol supplies what one round does:
     step(r, last)      run round r (the last one merges, where the protocol has a merge);
                        returns a Round, or None when nothing more can happen (every client
                        gone)
-    evaluate(r)        (test loss, test accuracy) of the protocol's model
+    evaluate(r)        (test loss, test accuracy) of the protocol's model (or, for a task
+                       learnt by acting, its mean test return)
     record(r, round, scores, timing)
                        append round r's rows to the logger
     check(r)           raise Diverged if a model is no longer finite (the skeleton also ends
@@ -53,6 +54,12 @@ class Round(NamedTuple):
 class Scores(NamedTuple):
     loss: float | None
     accuracy: float | None
+    test_return: float | None = MISSING  # a task learnt by acting (no loss, no accuracy)
+
+    @property
+    def score(self) -> float | None:
+        """The run's headline figure: test accuracy, or the test return when there is one."""
+        return self.accuracy if self.test_return is MISSING else self.test_return
 
 
 NOT_EVALUATED = Scores(MISSING, MISSING)
@@ -152,10 +159,10 @@ def _round(loop: RoundLoop, schedule: Schedule, progress: RoundProgress, tally: 
     scores = loop.evaluate(r) if schedule.due(r) else NOT_EVALUATED
     timing = Timing(t0, t1, time.perf_counter(), start)
     loop.record(r, step, scores, timing)
-    tally.accuracies.append(scores.accuracy)
+    tally.accuracies.append(scores.score)
     tally.updates, tally.done = tally.updates + step.updates, tally.done + 1
     tally.next_round = r + 1
-    progress.update(scores.accuracy, step.train_loss, step.updates / max(timing.round_s, 1e-9))
+    progress.update(scores.score, step.train_loss, step.updates / max(timing.round_s, 1e-9))
     loop.check(r)
     tally.dead = tally.dead + 1 if step.dropped and not step.updates else 0
     _check_alive(r, scores, tally.dead, schedule.dead_rounds)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from engine.backends.runtime import Pools, make_pools
+from engine.compute.evaluation import task_evaluator
 from engine.compute.peers import PeerPool, PeerSpec
 from engine.compute.training import LocalSGD
 from engine.core.config import ExperimentConfig
@@ -51,12 +52,13 @@ class Peers:
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         g = self.cfg.gossip
-        rng = seeds.rng("peer_test_sample")
-        n_test = min(g.peer_test_samples, task.data.y_test.size)
-        rows = np.sort(rng.choice(task.data.y_test.size, n_test, replace=False))
+        rows = None
+        if isinstance(task, FederatedTask):  # each peer is scored on a sample of the test set
+            rng, size = seeds.rng("peer_test_sample"), task.data.y_test.size
+            rows = np.sort(rng.choice(size, min(g.peer_test_samples, size), replace=False))
         peers = PeerSpec(self.consensus, g.init, byzantine_ids(adversary),
                          None if adversary is None else adversary.attack.forge,
-                         task.data.x_test[rows], task.data.y_test[rows], g.consensus_step)
+                         task_evaluator(task, self.cfg.seed, rows), g.consensus_step)
         return make_pools(task, spec, options, PeerPool, (peers, params.numpy()))
 
     def describe(self, row: RunRows, world: PeerWorld) -> RunRows:

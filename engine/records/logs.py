@@ -56,6 +56,8 @@ ROUNDS = pa.schema([
     ("peer_accuracy_min", pa.float64()), ("peer_accuracy_max", pa.float64()),
     ("gossip_messages", pa.int64()), ("virtual_time", pa.float64()),
     ("bytes_communicated", pa.int64()), ("dp_epsilon", pa.float64()),
+    # tasks learnt by acting (test_loss and test_accuracy null): the mean test return
+    ("test_return", pa.float64()),
 ])
 CLIENTS = pa.schema([
     ("round", pa.int32()), ("client_id", pa.int64()), ("pool", pa.int32()),
@@ -68,6 +70,7 @@ PEERS = pa.schema([
     ("round", pa.int32()), ("peer_id", pa.int64()), ("pool", pa.int32()),
     ("train_loss", pa.float32()), ("test_loss", pa.float32()), ("test_accuracy", pa.float32()),
     ("distance_to_mean", pa.float64()), ("byzantine", pa.bool_()), ("bytes_sent", pa.int64()),
+    ("test_return", pa.float64()),
 ])
 OUTCOMES = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("rounds_done", pa.int32()),
@@ -125,6 +128,7 @@ class RoundRows(NamedTuple):
     virtual_time: np.ndarray = missing()  # at the end of the round (async gossip)
     bytes_communicated: np.ndarray = np.array([0])  # model bytes sent this round (up + down)
     dp_epsilon: np.ndarray = missing()  # central DP: epsilon spent so far (at delta)
+    test_return: np.ndarray = missing()  # a task learnt by acting: mean return, held-out envs
 
 
 class ClientRows(NamedTuple):
@@ -156,6 +160,7 @@ class PeerRows(NamedTuple):
     distance_to_mean: np.ndarray  # ||z_i - z_bar||^2
     byzantine: np.ndarray
     bytes_sent: np.ndarray = np.array([0])  # the peer's gossip messages this round (wire bytes)
+    test_return: np.ndarray = missing()  # a task learnt by acting: the peer's mean test return
 
 
 class EventRows(NamedTuple):
