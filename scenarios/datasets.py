@@ -13,7 +13,7 @@ from pydantic import Field
 
 from engine.core.errors import ConfigError
 from engine.core.plugins import Registry
-from scenarios.environments import Environments, cartpole_clients
+from scenarios.environments import Environments, cartpole_clients, pendulum_clients
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def holdout_mask(n: int, fraction: float, owner: np.ndarray | None, rng: np.rand
 DATASETS: Registry[Callable[..., Samples | Environments]] = Registry("dataset", {
     "digits": digits, "synthetic": synthetic,
     # environments: clients learn by acting in them (scenarios/environments.py)
-    "cartpole": cartpole_clients,
+    "cartpole": cartpole_clients, "pendulum": pendulum_clients,
 }, runtime=("num_clients", "rng"))
 
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
+from gymnasium import spaces
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
 from pydantic import AfterValidator, Field
 
 from scenarios.models import ModelSpec
@@ -26,15 +29,23 @@ from scenarios.models import ModelSpec
 
 @dataclass(frozen=True)
 class EnvFamily:
-    """A kind of environment: its observation size, its actions (discrete: how many), and how
-    to build a vector of them from per-environment physics."""
+    """A kind of environment: its observation size, its actions (discrete: how many;
+    continuous: their size), and how to build a vector of them from per-environment physics
+    and start-state generators."""
 
     name: str
     obs_dim: int
-    num_actions: int
+    action_dim: int  # discrete: the number of actions; continuous: the action's size
+    continuous: bool
     max_steps: int  # an episode's step limit (the environment's truncation)
     physics: dict[str, tuple[float, float]]  # default range of each physical parameter
-    make: Callable[[dict[str, np.ndarray], list[np.random.Generator]], ClientCartPoles]
+    make: Callable[[dict[str, np.ndarray], list[np.random.Generator]], VectorEnv]
+
+    @property
+    def policy_outputs(self) -> int:
+        """A policy model's outputs: its action head's (the logits; or a mean and a log
+        standard deviation per action dimension), then the state value."""
+        return (2 * self.action_dim if self.continuous else self.action_dim) + 1
 
 
 class ClientCartPoles(CartPoleVectorEnv):
@@ -69,10 +80,86 @@ class ClientCartPoles(CartPoleVectorEnv):
         return obs, reward, terminated, truncated, info
 
 
+class ClientPendulums(VectorEnv):
+    """Pendulum-v1 (gymnasium's classic control), one per client, with the client's own
+    gravity, mass and length (gymnasium's g, m, l); the step is gymnasium's `PendulumEnv.step` on
+    arrays (torque clipped to [-2, 2], speed to [-8, 8], dt 0.05, reward -(theta^2 + 0.1
+    theta_dot^2 + 0.001 u^2)); episodes are truncated at 200 steps, as `gym.make` does, with
+    the next-step autoreset of CartPoleVectorEnv. Start states (theta in [-pi, pi], theta_dot
+    in [-1, 1]) come from each environment's own generator."""
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    max_speed, max_torque, dt, max_episode_steps = 8.0, 2.0, 0.05, 200
+
+    def __init__(self, physics: dict[str, np.ndarray], rngs: list[np.random.Generator]) -> None:
+        self.num_envs, self.rngs = len(rngs), rngs
+        self.g, self.m, self.length = (np.asarray(physics[k], dtype=np.float64)
+                                       for k in ("gravity", "mass", "length"))
+        high = np.array([1.0, 1.0, self.max_speed], dtype=np.float32)
+        self.single_observation_space = spaces.Box(-high, high, dtype=np.float32)
+        self.single_action_space = spaces.Box(-self.max_torque, self.max_torque, (1,),
+                                              dtype=np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.state = np.zeros((2, self.num_envs))
+        self.steps = np.zeros(self.num_envs, dtype=np.int32)
+        self.prev_done = np.zeros(self.num_envs, dtype=np.bool_)
+
+    def _starts(self, envs: np.ndarray) -> np.ndarray:
+        return np.stack([self.rngs[i].uniform(low=[-np.pi, -1.0], high=[np.pi, 1.0])
+                         for i in envs], axis=1)
+
+    def _obs(self) -> np.ndarray:
+        theta, theta_dot = self.state
+        return np.stack([np.cos(theta), np.sin(theta), theta_dot], axis=1).astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        self.state = self._starts(np.arange(self.num_envs))
+        self.steps[:] = 0
+        self.prev_done[:] = False
+        return self._obs(), {}
+
+    def step(self, action):
+        u = np.clip(np.asarray(action, dtype=np.float32).reshape(self.num_envs),
+                    -self.max_torque, self.max_torque)
+        th, thdot = self.state
+        costs = _angle_normalize(th) ** 2 + 0.1 * thdot ** 2 + 0.001 * (u ** 2)
+        g, m, length, dt = self.g, self.m, self.length, self.dt
+        newthdot = thdot + (3 * g / (2 * length) * np.sin(th)
+                            + 3.0 / (m * length ** 2) * u) * dt
+        newthdot = np.clip(newthdot, -self.max_speed, self.max_speed)
+        self.state = np.stack([th + newthdot * dt, newthdot])
+        self.steps += 1
+        reward = (-costs).astype(np.float64)
+        terminated = np.zeros(self.num_envs, dtype=np.bool_)
+        truncated = self.steps >= self.max_episode_steps
+        restarting = np.flatnonzero(self.prev_done)  # the step after an episode's end
+        if restarting.size:
+            self.state[:, restarting] = self._starts(restarting)
+            self.steps[restarting] = 0
+            reward[restarting] = 0.0
+            truncated[restarting] = False
+        self.prev_done = terminated | truncated
+        return self._obs(), reward, terminated, truncated, {}
+
+
+def _angle_normalize(x: np.ndarray) -> np.ndarray:
+    return ((x + np.pi) % (2 * np.pi)) - np.pi
+
+
+def pendulum() -> EnvFamily:
+    """Pendulum-v1 (gymnasium's classic control), continuous torque, with per-client physics.
+    Defaults: +-25% around the environment's own g 10, m 1, l 1."""
+    return EnvFamily("pendulum", obs_dim=3, action_dim=1, continuous=True, max_steps=200,
+                     physics={"gravity": (7.5, 12.5), "mass": (0.75, 1.25),
+                              "length": (0.75, 1.25)},
+                     make=ClientPendulums)
+
+
 def cartpole() -> EnvFamily:
     """CartPole-v1 (gymnasium's classic control), with per-client physics. Defaults: the
     environment's own values +-50% around length 0.5, masspole 0.1, gravity 9.8, force 10."""
-    return EnvFamily("cartpole", obs_dim=4, num_actions=2, max_steps=500,
+    return EnvFamily("cartpole", obs_dim=4, action_dim=2, continuous=False, max_steps=500,
                      physics={"length": (0.25, 0.75), "masspole": (0.05, 0.15),
                               "gravity": (7.0, 12.0), "force_mag": (7.0, 13.0)},
                      make=ClientCartPoles)
@@ -151,8 +238,31 @@ def cartpole_clients(num_clients: int, rng: np.random.Generator,
                         clip, value_coef, entropy_coef)
 
 
+def pendulum_clients(num_clients: int, rng: np.random.Generator,
+                     gravity: Range = (7.5, 12.5), mass: Range = (0.75, 1.25),
+                     length: Range = (0.75, 1.25),
+                     test_envs: Annotated[int, Field(ge=1, le=10_000)] = 16,
+                     rollout_steps: Annotated[int, Field(ge=8, le=1_000_000)] = 1024,
+                     gamma: Annotated[float, Field(gt=0, le=1)] = 0.9,
+                     gae_lambda: Annotated[float, Field(ge=0, le=1)] = 0.95,
+                     clip: Annotated[float, Field(gt=0, le=1)] = 0.2,
+                     value_coef: Annotated[float, Field(ge=0, le=100)] = 0.5,
+                     entropy_coef: Annotated[float, Field(ge=0, le=100)] = 0.0
+                     ) -> Environments:
+    """Pendulum-v1 (gymnasium classic control, continuous torque) for every client, learnt
+    by PPO with a Gaussian policy: each client's gravity, mass and length uniform over their
+    ranges (the environment's own g, m, l are 10, 1 and 1); `test_envs` held-out
+    environments score the model (mean return of the mean action over 200 steps)."""
+    family = pendulum()
+    ranges = {"gravity": gravity, "mass": mass, "length": length}
+    clients = draw_physics(family, ranges, num_clients, rng)
+    test = draw_physics(family, ranges, test_envs, rng)
+    return Environments(EnvSpec(family, clients, test), rollout_steps, gamma, gae_lambda,
+                        clip, value_coef, entropy_coef)
+
+
 # the DATASETS entries that are environments (scenarios/datasets.py registers them)
-ENVIRONMENT_ENTRIES = frozenset({cartpole_clients})
+ENVIRONMENT_ENTRIES = frozenset({cartpole_clients, pendulum_clients})
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def build_task(dataset: Callable, partitioner: Callable, architecture: Callable,
     drawn = dataset(num_clients, rng)
     if isinstance(drawn, Environments):
         family = drawn.env.family
-        model = ModelSpec(architecture, (family.obs_dim,), family.num_actions + 1)
+        model = ModelSpec(architecture, (family.obs_dim,), family.policy_outputs)
         model.build()
         return EnvTask(drawn, model, num_clients)
     data = load_dataset(drawn, num_clients, test_fraction, max_test_samples, rng)

@@ -31,7 +31,7 @@ from engine.compute.shards import ShardIds
 from engine.compute.training import LocalSGD, Trained
 from engine.core.params import ParamSpec
 from engine.core.seeds import SeedTree
-from scenarios.environments import Environments, EnvShard, EnvSpec
+from scenarios.environments import EnvFamily, Environments, EnvShard, EnvSpec
 from scenarios.models import ModelSpec
 
 
@@ -72,20 +72,75 @@ class Rollout:
     episode_return: np.ndarray  # [C] mean return of the episodes finished in the rollout
 
 
-def policy_forward(model: torch.nn.Module, spec: ParamSpec, num_actions: int):
-    """(params [P], obs [B, D]) -> (logits [B, A], value [B])."""
+class Categorical:
+    """A policy over `n` discrete actions: its outputs are the actions' logits."""
+
+    def __init__(self, n: int) -> None:
+        self.n = self.outputs = n
+
+    def buffer(self, c: int, t: int) -> torch.Tensor:
+        return torch.zeros(c, t, dtype=torch.int64)
+
+    def draw(self, out: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """One client's action [1] from its outputs [1, n] (inverse CDF on one uniform)."""
+        cdf = torch.cumsum(F.log_softmax(out, dim=1).exp().double(), dim=1)[0]
+        return (cdf < rng.random()).sum().clamp(max=self.n - 1)[None]
+
+    def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(out, dim=1).gather(1, actions[:, None])[:, 0]
+
+    def entropy(self, out: torch.Tensor) -> torch.Tensor:
+        log_probs = F.log_softmax(out, dim=1)
+        return -(log_probs.exp() * log_probs).sum(dim=1)
+
+    def greedy(self, out: torch.Tensor) -> np.ndarray:
+        return out.argmax(dim=1).numpy()
+
+
+class Gaussian:
+    """A policy over actions in R^d: its outputs are a mean and a log standard deviation per
+    dimension (the latter clamped to [-5, 2]); the environment clips the action to its range."""
+
+    LOG_2PI = float(np.log(2 * np.pi))
+
+    def __init__(self, d: int) -> None:
+        self.d, self.outputs = d, 2 * d
+
+    def buffer(self, c: int, t: int) -> torch.Tensor:
+        return torch.zeros(c, t, self.d)
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return out[:, :self.d], out[:, self.d:].clamp(-5.0, 2.0)
+
+    def draw(self, out: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        mean, log_std = self._split(out)
+        noise = torch.from_numpy(rng.standard_normal(self.d).astype(np.float32))
+        return mean + log_std.exp() * noise  # [1, d]
+
+    def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self._split(out)
+        z = (actions - mean) / log_std.exp()
+        return (-0.5 * z * z - log_std - 0.5 * self.LOG_2PI).sum(dim=1)
+
+    def entropy(self, out: torch.Tensor) -> torch.Tensor:
+        return (self._split(out)[1] + 0.5 * (1.0 + self.LOG_2PI)).sum(dim=1)
+
+    def greedy(self, out: torch.Tensor) -> np.ndarray:
+        return self._split(out)[0].numpy()
+
+
+def head_of(family: EnvFamily) -> Categorical | Gaussian:
+    """How a family's policy turns its outputs into actions."""
+    return Gaussian(family.action_dim) if family.continuous else Categorical(family.action_dim)
+
+
+def policy_forward(model: torch.nn.Module, spec: ParamSpec, outputs: int):
+    """(params [P], obs [B, D]) -> (the action head's outputs [B, outputs], value [B])."""
     def forward(flat, obs):
         out = functional_call(model, spec.unflatten(flat), (obs,))
-        return out[:, :num_actions], out[:, num_actions]
+        return out[:, :outputs], out[:, outputs]
 
     return forward
-
-
-def sample(probs: torch.Tensor, uniforms: np.ndarray) -> torch.Tensor:
-    """Actions [C] drawn from probs [C, A] by inverse CDF on one uniform per client."""
-    cdf = torch.cumsum(probs.double(), dim=1)
-    u = torch.from_numpy(uniforms)[:, None]
-    return (cdf < u).sum(dim=1).clamp(max=probs.shape[1] - 1)
 
 
 class EnvTrainer(ShardIds):
@@ -103,8 +158,8 @@ class EnvTrainer(ShardIds):
         self.label_counts = torch.zeros(self.client_ids.size, model.num_classes,
                                         dtype=torch.int64)
         self.param_spec = ParamSpec.of(self.model)
-        self.num_actions = self.env.family.num_actions
-        self.forward = policy_forward(self.model, self.param_spec, self.num_actions)
+        self.head = head_of(self.env.family)
+        self.forward = policy_forward(self.model, self.param_spec, self.head.outputs)
         # one client at a time while acting, each from its own copy of its parameters: a
         # row of [C, P] starts at an address that depends on its position, and the matmul
         # kernels round differently with the alignment of their operands
@@ -151,7 +206,7 @@ class EnvTrainer(ShardIds):
         obs_np, _ = envs.reset()
         c = len(rngs)
         obs = torch.zeros(c, t_max + 1, obs_np.shape[1])
-        actions = torch.zeros(c, t_max, dtype=torch.int64)
+        actions = self.head.buffer(c, t_max)
         logp, values, rewards = (torch.zeros(c, t_max + 1) for _ in range(3))
         done, mask = torch.zeros(c, t_max), torch.ones(c, t_max)
         running, finished, count = np.zeros(c), np.zeros(c), np.zeros(c)
@@ -161,14 +216,13 @@ class EnvTrainer(ShardIds):
             values[:, t] = torch.cat([v for _, v in outs])
             if t == t_max:
                 break
-            log_probs = [F.log_softmax(logits, dim=1) for logits, _ in outs]
-            action = sample(torch.cat([lp.exp() for lp in log_probs]),
-                            np.array([g.random() for g in rngs]))
-            actions[:, t] = action
             # per client: an elementwise log or exp over all clients at once rounds an
             # element differently with its position (vector body or tail)
-            logp[:, t] = torch.cat([lp[0, a:a + 1] for lp, a in zip(log_probs, action.tolist(),
-                                                                    strict=True)])
+            drawn = [self.head.draw(out, g) for (out, _), g in zip(outs, rngs, strict=True)]
+            logp[:, t] = torch.cat([self.head.log_prob(out, a) for (out, _), a in zip(
+                outs, drawn, strict=True)])
+            action = torch.cat(drawn)  # [C] or [C, d]
+            actions[:, t] = action
             mask[:, t] = torch.from_numpy(~envs.prev_done).float()  # else an autoreset step
             obs_np, reward, terminated, truncated, _ = envs.step(action.numpy())
             rewards[:, t] = torch.from_numpy(reward)
@@ -197,13 +251,11 @@ class EnvTrainer(ShardIds):
 
     def _loss(self, flat, obs, actions, old_logp, advantages, returns, mask):
         p = self.ppo
-        logits, value = self.forward(flat, obs)
-        log_probs = F.log_softmax(logits, dim=1)
-        new_logp = log_probs.gather(1, actions[:, None])[:, 0]
-        ratio = torch.exp(new_logp - old_logp)
+        out, value = self.forward(flat, obs)
+        ratio = torch.exp(self.head.log_prob(out, actions) - old_logp)
         surrogate = torch.minimum(ratio * advantages,
                                   torch.clamp(ratio, 1 - p.clip, 1 + p.clip) * advantages)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+        entropy = self.head.entropy(out)
         per_step = -surrogate + p.value_coef * 0.5 * (value - returns) ** 2 \
             - p.entropy_coef * entropy
         return (per_step * mask).sum() / mask.sum().clamp(min=1.0)
@@ -213,7 +265,7 @@ class EnvTrainer(ShardIds):
         """`epochs` x `minibatches` Adam steps on every client's own rollout; client c stops
         after caps[c] of them."""
         p = self.ppo
-        c, t_max = r.actions.shape
+        c, t_max = r.actions.shape[:2]
         size = p.batch_size
         w = params.clone()
         m1, m2 = torch.zeros_like(w), torch.zeros_like(w)
@@ -247,7 +299,8 @@ class ReturnEvaluator:
     def __init__(self, model: ModelSpec, env: EnvSpec, seed: int) -> None:
         self.env, self.seed = env, seed
         module = model.build()
-        self.forward = policy_forward(module, ParamSpec.of(module), env.family.num_actions)
+        self.head = head_of(env.family)
+        self.forward = policy_forward(module, ParamSpec.of(module), self.head.outputs)
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor) -> tuple[None, None, float]:
@@ -258,8 +311,8 @@ class ReturnEvaluator:
         obs, _ = envs.reset()
         total, live = np.zeros(n), np.ones(n, dtype=bool)
         while live.any():
-            logits, _ = self.forward(params, torch.from_numpy(obs))
-            obs, reward, terminated, truncated, _ = envs.step(logits.argmax(dim=1).numpy())
+            out, _ = self.forward(params, torch.from_numpy(obs))
+            obs, reward, terminated, truncated, _ = envs.step(self.head.greedy(out))
             total += np.where(live, reward, 0.0)
             live &= ~(terminated | truncated)
         return None, None, float(total.mean())
