@@ -31,6 +31,9 @@ LAYERS: dict[str, set[str]] = {
     "engine": {CORE, "policies", "scenarios", "engine.compute", "engine.backends",
                "engine.loops", "engine.records", "engine.protocols"},
     "engine.sweeps": {CORE, "engine.records", "engine.backends", "engine"},
+    # the simulation as gymnasium environments: it steps the engine's own round loop
+    "engine.envs": {CORE, "policies", "engine.compute", "engine.backends", "engine.loops",
+                    "engine.records", "engine"},
     "engine.analysis": {CORE, "engine.records"},
 }
 
