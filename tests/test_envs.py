@@ -92,6 +92,36 @@ def test_equal_aggregation_weights_give_the_engines_uniform_weights_run(tmp_path
     assert rounds["test_accuracy"].to_pylist() == accuracies
 
 
+def test_ray_pools_give_the_inline_episode(ray_cluster):
+    """backend="ray" (two pool actors) and the default inline pools: the same episode."""
+    import gymnasium as gym
+
+    episodes = []
+    for kwargs in ({}, {"backend": "ray", "pools": 2}):
+        env = gym.make("engine.envs:concord/Aggregation-v0", overrides=["rounds=3"], **kwargs)
+        obs, _ = env.reset(seed=2)
+        rng = np.random.default_rng(0)
+        steps = [env.step(rng.random(env.action_space.shape).astype(np.float32))
+                 for _ in range(3)]
+        episodes.append([(o["clients"].tobytes(), r, i["accuracy"]) for o, r, _, _, i in steps])
+        env.close()
+    assert episodes[0] == episodes[1]
+
+
+def test_a_vector_of_environments_runs_one_process_each():
+    """gymnasium's asynchronous vector environment: each copy in its own process, inline."""
+    import gymnasium as gym
+
+    envs = gym.make_vec("engine.envs:concord/ClientSelection-v0", num_envs=2,
+                        vectorization_mode="async", overrides=["rounds=2"])
+    obs, _ = envs.reset(seed=[0, 1])
+    assert obs["clients"].shape == (2, 50, 5)
+    for _ in range(2):
+        obs, rewards, _, truncated, _ = envs.step(envs.action_space.sample())
+    assert truncated.all() and rewards.shape == (2,)
+    envs.close()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"overrides": ["mode=decentralized"]}, "steps synchronous federated rounds"),
     ({"cost_of": "joules"}, "cost_of: 'bytes' or 'time'"),

@@ -150,7 +150,7 @@ def test_runs_give_the_same_bits_for_any_layout_on_ray_or_inline(name, tmp_path,
 def test_the_federated_config_learns_as_a_user_runs_it(tmp_path):
     """`python run.py configs/fedrl_cartpole.yaml` cut to 20 rounds: the held-out return rises
     several-fold from the initial policy's (about 10), the summary names it, analyze reads
-    it."""
+    it and `--plot test_return:round` draws it."""
     done = subprocess.run([sys.executable, "run.py", str(CONFIG), "rounds=20", "eval_every=2",
                            "--backend", "inline", "--no-progress", "--log-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -161,6 +161,11 @@ def test_the_federated_config_learns_as_a_user_runs_it(tmp_path):
     assert returns[0] < 40 and max(returns) > 100, returns
     summary = load_runs(tmp_path / "fedrl_cartpole").summary
     assert summary["best_return"].to_pylist() == [max(returns)]
+    plotted = subprocess.run([sys.executable, str(ROOT / "run.py"), "analyze",
+                              str(tmp_path / "fedrl_cartpole"), "--plot", "test_return:round"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "plots" / "test_return_vs_round.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("override, message", [
