@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from engine.backends.runtime import RuntimeOptions, connect_ray
+from engine.backends.runtime import RuntimeOptions, connect_ray, drop_kept_hosts
 from engine.core.errors import Diverged
 from engine.records.logs import TABLES, RunLogger, error_line, outcome_row
 from engine.records.progress import SweepProgress
@@ -123,6 +123,7 @@ class RayRunner:
         self._ray, self.cpus_per_run = ray, cpus_per_run
         self.checkpoint_every = checkpoint_every
         cpus = connect_ray(address)
+        drop_kept_hosts()  # idle pool actors kept by this process would hold the runs' CPUs
         if cpus_per_run > cpus:
             from engine.core.errors import ConfigError
 
