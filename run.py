@@ -136,6 +136,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", metavar="K1,K2", help="PNG of the first metric's mean")
     p.add_argument("--out", default="plots", help="folder for PNGs (default: plots)")
     p.add_argument("--sql", metavar="QUERY", help="DuckDB SQL over runs, rounds, clients, ...")
+    p.add_argument("--rank", metavar="KEY", help="rank this key's values (systems) in every "
+                   "scenario of --across and metric, then aggregate by Borda and Kemeny")
+    p.add_argument("--across", metavar="KEY", help="the scenarios --rank ranks within")
     return p
 
 
@@ -153,6 +156,16 @@ def analyze_command(argv: list[str]) -> int:
         return 0
     runs = analysis.load_runs(log_dir, args.target)
     runs = analysis.filter_runs(runs, [analysis.parse_filter(f) for f in args.filter])
+    if args.rank or args.across:
+        if not (args.rank and args.across):
+            raise ConfigError("--rank and --across go together: --rank KEY --across KEY")
+        from engine.analysis import ranking
+
+        metrics = metrics or ["final_accuracy"]
+        analysis.check_metrics(runs.summary, metrics)
+        print(ranking.render(ranking.rank_systems(runs, args.rank, args.across, metrics),
+                             args.rank))
+        return 0
     if args.plot or args.heatmap:
         from engine.analysis import plots
 

@@ -34,7 +34,8 @@ LAYERS: dict[str, set[str]] = {
     # the simulation as gymnasium environments: it steps the engine's own round loop
     "engine.envs": {CORE, "policies", "engine.compute", "engine.backends", "engine.loops",
                     "engine.records", "engine"},
-    "engine.analysis": {CORE, "engine.records"},
+    # offline: reads Parquet; ranks systems with the pure rank aggregators of policies/ranks.py
+    "engine.analysis": {CORE, "engine.records", "policies"},
 }
 
 
