@@ -109,6 +109,9 @@ WITH: dict[tuple[str, str], dict[str, Any]] = {
     ("consensus", "push_sum"): {"gossip": {"mixing": "push_sum"}},
     ("partition", "natural"): {"task": {"dataset": "synthetic"}},
     ("dataset", "synthetic"): {"partition": {"kind": "natural"}},
+    # environments: short rollouts and few test episodes (the matrix runs every cell)
+    ("dataset", "cartpole"): {"task": {"cartpole": {"rollout_steps": 32, "test_envs": 2}}},
+    ("dataset", "pendulum"): {"task": {"pendulum": {"rollout_steps": 32, "test_envs": 2}}},
 }
 
 
