@@ -74,6 +74,17 @@ def test_the_selection_action_picks_the_top_k_online_clients():
     env.close()
 
 
+def test_reset_without_a_seed_runs_the_scenarios_seed_then_fresh_ones():
+    import gymnasium as gym
+
+    env = gym.make("engine.envs:concord/ClientSelection-v0", overrides=["rounds=1"])
+    first = env.reset()[0]["clients"]
+    again = env.reset()[0]["clients"]
+    seeded = env.reset(seed=0)[0]["clients"]  # the default scenario's seed is 0
+    assert np.array_equal(first, seeded) and not np.array_equal(first, again)
+    env.close()
+
+
 def test_equal_aggregation_weights_give_the_engines_uniform_weights_run(tmp_path):
     """Aggregation-v0 with every weight equal is the engine's run of the same scenario with
     aggregation [uniform_weights, fedavg]: the same test accuracy, round by round."""

@@ -23,9 +23,11 @@ MB (or its virtual seconds, with `cost_of="time"`). The episode is truncated at 
 `rounds`.
 
 Every draw comes from the run's seed tree: `reset(seed=s)` sets the scenario's seed to s,
-and the same actions then give the same episode, bit for bit. The pools run inline by default
-(one process per environment, so gymnasium's vector environments of them work); `backend=
-"ray"` runs them on a private Ray cluster. `log_dir` keeps each episode's Arrow logs.
+and the same actions then give the same episode, bit for bit; `reset()` without a seed runs
+the scenario's own seed first, then seeds drawn from gymnasium's generator (`np_random`).
+The pools run inline by default (one process per environment, so gymnasium's vector
+environments of them work); `backend="ray"` runs them on a private Ray cluster. `log_dir`
+keeps each episode's Arrow logs.
 
 Registration: gymnasium 1.x no longer loads plugins from the `gymnasium.envs` entry point at
 import (0.x did); pyproject.toml still declares it, for those versions, and in 1.x the
@@ -98,6 +100,7 @@ class FederatedEnv(gym.Env):
             "accuracy": spaces.Box(0.0, 1.0, (1,), dtype=np.float32),
         })
         self._run: _Run | None = None
+        self._episodes = 0
 
     # -- the decision the action takes: subclasses -----------------------------------------
 
@@ -112,9 +115,13 @@ class FederatedEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        first = self._episodes == 0
+        self._episodes += 1
         if self._run is not None:
             self._run.close()
-        cfg = self.cfg if seed is None else self.cfg.model_copy(update={"seed": int(seed)})
+        if seed is None:  # the scenario's own seed first, then seeds from gymnasium's stream
+            seed = self.cfg.seed if first else int(self.np_random.integers(2**31 - 1))
+        cfg = self.cfg.model_copy(update={"seed": int(seed)})
         self._run = _Run(cfg, self.options, self._select, self._weights, self.log_dir)
         return self._observation(), {"round": 0}
 
