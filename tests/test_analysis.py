@@ -14,6 +14,7 @@ import yaml
 
 from engine.analysis.plots import curves, draw_curves, heatmap, parse_plot, save_png, write_heatmap
 from engine.analysis.summary import (
+    Runs,
     filter_runs,
     group_by,
     key_values,
@@ -154,6 +155,17 @@ def test_filters(logs):
         kept("seed=7")
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_filter("seed")
+
+
+def test_filter_matches_a_swept_chain_written_as_yaml():
+    # a sweep stores a swept list (an aggregation chain) as JSON text in its column
+    runs = Runs(pa.table({"run_id": ["a", "b"],
+                          "aggregation": ['["feddisco","fedavg"]', "fedavg"]}),
+                [{}, {}], ["aggregation"])
+    kept = filter_runs(runs, [parse_filter("aggregation=[feddisco, fedavg]")])
+    assert kept.summary["run_id"].to_pylist() == ["a"]
+    kept = filter_runs(runs, [parse_filter("aggregation=fedavg")])
+    assert kept.summary["run_id"].to_pylist() == ["b"]
 
 
 def test_group_by_equals_hand_computation(logs):

@@ -230,7 +230,14 @@ def parse_filter(text: str) -> Filter:
 
 
 def _matches(value: Any, wanted: Filter) -> bool:
-    return value == wanted.value or str(value) == wanted.text
+    if value == wanted.value or str(value) == wanted.text:
+        return True
+    if isinstance(value, str) and isinstance(wanted.value, list | dict):
+        try:  # a swept list (a chain of stages) is stored as its JSON text
+            return yaml.safe_load(value) == wanted.value
+        except yaml.YAMLError:
+            return False
+    return False
 
 
 def filter_runs(runs: Runs, filters: Iterable[Filter]) -> Runs:
