@@ -19,7 +19,7 @@ from engine.loops.decentralized import GossipSetup, decentralized_rounds
 from engine.loops.sampling import SampledWorld
 from engine.loops.world import PeerWorld, upload_bytes
 from engine.protocols.base import Plugins, ProtocolSpec
-from engine.protocols.worlds import build_peer_world
+from engine.protocols.worlds import build_peer_world, peer_schedule
 from engine.records.logs import RunRows
 from scenarios.adversaries import Adversary
 from scenarios.mixing import column_stochastic
@@ -75,7 +75,7 @@ class Peers:
         return GossipSetup(self.cfg.rounds, g.steps, self.cfg.eval_every, g.eval_peers,
                            g.final_merge, seeds, byzantine_ids(adversary), world,
                            upload_bytes(self.plugins.compressor, model_bytes),
-                           self.cfg.diverge_after)
+                           self.cfg.diverge_after, peer_schedule(self.cfg))
 
     def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world,
              keeper=None):
