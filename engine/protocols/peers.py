@@ -52,13 +52,17 @@ class Peers:
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         g = self.cfg.gossip
+        if self.consensus.evidence and not isinstance(task, FederatedTask):
+            raise ConfigError("consensus: this policy judges models on the peers' labelled "
+                              "data; a task learnt by acting has none")
         rows = None
         if isinstance(task, FederatedTask):  # each peer is scored on a sample of the test set
             rng, size = seeds.rng("peer_test_sample"), task.data.y_test.size
             rows = np.sort(rng.choice(size, min(g.peer_test_samples, size), replace=False))
         peers = PeerSpec(self.consensus, g.init, byzantine_ids(adversary),
                          None if adversary is None else adversary.attack.forge,
-                         task_evaluator(task, self.cfg.seed, rows), g.consensus_step)
+                         task_evaluator(task, self.cfg.seed, rows), g.consensus_step,
+                         self.cfg.population.num_clients)
         return make_pools(task, spec, options, PeerPool, (peers, params.numpy()))
 
     def describe(self, row: RunRows, world: PeerWorld) -> RunRows:
