@@ -185,7 +185,7 @@ def _with_policy_inputs(nb: Neighbourhood, policy: Consensus, seed: int = 0) -> 
         x = torch.from_numpy(rng.normal(size=(n, policy.evidence, 3)).astype(np.float32))
         y = (x[..., 0] > 0).long()
         nb = nb._replace(evidence=Evidence(x, y, torch.ones(y.shape, dtype=torch.bool),
-                                           _linear_logits))
+                                           _linear_logits), layers=((0, 4), (4, 6)))
     if policy.init_state is not None:
         nb = nb._replace(state=policy.init_state(n).double().expand(n, -1).clone())
     return nb._replace(ids=torch.arange(nb.models.shape[0]))

@@ -140,3 +140,83 @@ def peer_ranked(batch: Annotated[int, Field(ge=1)] = 32,
         return nb.weighted_sum(nb.received, weights), nb.mass[nb.own], reputation
 
     return Consensus(update, evidence=batch, init_state=initial)
+
+
+def class_recall(logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(recall [n, D, C] float64, present [n, C] bool): each slot's share of peer i's batch
+    samples of class c that it predicts as c, and which classes the batch holds."""
+    classes = logp.shape[-1]
+    onehot = torch.nn.functional.one_hot(labels, classes).double() * mask[..., None]  # [n,B,C]
+    hits = (logp.argmax(dim=-1)[..., None] == torch.arange(classes)).double()  # [n,D,B,C]
+    correct = (hits * onehot[:, None]).sum(dim=2)
+    count = onehot.sum(dim=1)  # [n, C]
+    return correct / count.clamp_min(1.0)[:, None], count > 0
+
+
+def nearest_slots(dist2: torch.Tensor, keep: int) -> torch.Tensor:
+    """[n, D] bool: each row's own slot and its `keep` nearest other valid slots (inf:
+    padding; ties to the lower slot)."""
+    order = torch.argsort(dist2, dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1])
+                                            .expand_as(order).contiguous())
+    return (rank <= keep) & torch.isfinite(dist2)
+
+
+@consensus_policy(mean_preserving=False)
+def bristle(keep: Annotated[int, Field(ge=1)] = 3,
+            batch: Annotated[int, Field(ge=1)] = 64) -> Consensus:
+    """Bristle's output-layer consensus (Verbraeken, de Vos & Pouwelse, 2022, "Bristle:
+    Decentralized Federated Learning in Byzantine, Non-i.i.d. Environments",
+    arXiv:2110.11006). Bristle freezes the transferred (non-output) layers, so only the output
+    layer trains and travels; a peer integrates the output layers it receives in two stages:
+    - distance-based prioritizer: rank the received output layers by their distance to its
+      own and keep the `keep` closest;
+    - performance-based integrator: integrate each class separately, weighting the class's
+      row (weights and bias) of each kept output layer (its own included) by how well that
+      model recognises the class on the peer's own data: its recall of class c on a batch of
+      `batch` of the peer's samples. A class the batch lacks (non-i.i.d. peers) is averaged
+      uniformly over the kept models, as is a class no kept model recognises.
+    The peer keeps its own non-output layers (they are frozen and identical, so exchanging
+    the output layer only is the same as exchanging the model whose features are shared).
+
+    Departures: the transferred feature extractor is whatever the run's model has below its
+    output layer; with `task.model.kind=logistic` (the shipped config) it is the identity on
+    the raw pixels, so every trained parameter is the output layer (a pre-trained extractor
+    is not part of this simulator, and local SGD here trains every layer of deeper models).
+    The paper's explore-exploit choice of which peers to contact and its thresholds on the
+    per-class performance (dropping classes that score below the peer's own) are not
+    implemented: every kept model enters with weight proportional to its recall. The
+    integrator's batch is drawn from the peer's training data, not a separate test split.
+    Asynchronous: pull wake-ups; a woken peer integrates its live neighbourhood this way."""
+
+    def update(nb: Neighbourhood):
+        wa, wb = nb.layers[-2]  # output layer: weight [C, H] then bias [C]
+        ba, bb = nb.layers[-1]
+        classes = bb - ba
+        own = nb.own_models()
+        dist2 = torch.stack([torch.linalg.vector_norm(
+            nb.received(k)[:, wa:bb] - own[:, wa:bb], dim=1).double() ** 2
+            for k in range(nb.index.shape[1])], dim=1).masked_fill(~nb.valid, float("inf"))
+        kept = nearest_slots(dist2, keep)
+        recall, present = class_recall(slot_logits(nb), nb.evidence.y, nb.evidence.mask)
+        score = recall * kept[..., None]  # [n, D, C]
+        total = score.sum(dim=1, keepdim=True)
+        uniform = kept[..., None].double() / kept.sum(dim=1)[:, None, None]
+        use = present[:, None, :] & (total > 0)
+        weights = torch.where(use, score / total.clamp_min(1e-30), uniform).float()  # [n,D,C]
+        hidden = (wb - wa) // classes
+        out = own.clone()
+
+        def output_rows(k: int) -> torch.Tensor:  # [n, C, H + 1]: class c's weights and bias
+            m = nb.received(k)
+            return torch.cat([m[:, wa:wb].view(-1, classes, hidden), m[:, ba:bb, None]], dim=2)
+
+        mixed = weights[:, 0, :, None] * output_rows(0)
+        for k in range(1, nb.index.shape[1]):
+            mixed.addcmul_(weights[:, k, :, None], output_rows(k))
+        out[:, wa:wb] = mixed[:, :, :hidden].reshape(-1, wb - wa)
+        out[:, ba:bb] = mixed[:, :, hidden]
+        return out, nb.mass[nb.own]
+
+    return Consensus(update, evidence=batch)

@@ -85,6 +85,7 @@ CONSENSUS: Registry[Consensus] = Registry("policy", {
     "monna": gossip.monna,
     "modest": gossip.modest,
     "peer_ranked": peer_ranked.peer_ranked,
+    "bristle": peer_ranked.bristle,
 }, check=_is_consensus)
 
 

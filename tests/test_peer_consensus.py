@@ -167,3 +167,42 @@ def test_peer_ranked_outperforms_gossip_under_dissensus(tmp_path):
     ranked = logged_rounds(tmp_path, peers_config(consensus={"peer_ranked": {"batch": 16}},
                                                   **attacked), "r")[-1]["test_accuracy"]
     assert ranked > gossip + 0.1
+
+
+# ---------------------------------------------------------------- Bristle
+
+
+def test_bristle_prioritizer_and_per_class_integrator_known_values():
+    """A logistic output layer, 2 classes on 1 feature: model = [w_0, w_1, b_0, b_1], logits
+    x w + b. Peer 0 (own: recall 1 on both classes) hears peer 1 (always predicts class 0:
+    recall 1, 0) and peer 2 (far away). keep=1 drops peer 2; class 0 is averaged 1/2, 1/2
+    (both recall 1), class 1 only from peer 0 (peer 1's recall is 0)."""
+    models = np.array([[-1.0, 1.0, 0.0, 0.0],
+                       [0.0, 0.0, 1.0, -1.0],
+                       [50.0, -50.0, 9.0, 9.0]], dtype=np.float32)
+    x = np.array([[[-1.0], [-2.0], [1.0], [2.0]]] * 3, dtype=np.float32)
+    y = np.array([[0, 0, 1, 1]] * 3)
+
+    def predict(m, xb):
+        return xb * m[:, None, :2] + m[:, None, 2:]
+
+    ev = Evidence(torch.from_numpy(x), torch.from_numpy(y), torch.ones(3, 4, dtype=torch.bool),
+                  predict)
+    n = 3
+    nb = Neighbourhood(torch.from_numpy(models), torch.ones(n),
+                       torch.arange(n).expand(n, n).clone(), torch.full((n, n), 1 / 3),
+                       torch.ones(n, n, dtype=torch.bool), torch.arange(n),
+                       layers=((0, 2), (2, 4)), ids=torch.arange(n), evidence=ev)
+    out, _ = CONSENSUS["bristle"](keep=1, batch=4).update(nb)
+    # class 0 row: (w_0, b_0) = mean of peers 0 and 1; class 1 row: peer 0's
+    np.testing.assert_allclose(out[0].numpy(), [-0.5, 1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_bristle_beats_gossip_with_byzantine_peers(tmp_path):
+    attacked = dict(attack={"kind": "dissensus", "fraction": 0.125}, rounds=3,
+                    topology={"kind": "random_regular", "degree": 4},
+                    task={"model": {"kind": "logistic"}})
+    gossip = logged_rounds(tmp_path, peers_config(**attacked), "g")[-1]["test_accuracy"]
+    kept = logged_rounds(tmp_path, peers_config(consensus={"bristle": {"keep": 2}},
+                                                **attacked), "b")[-1]["test_accuracy"]
+    assert kept > gossip + 0.1
