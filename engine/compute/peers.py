@@ -165,6 +165,7 @@ class PeerPool(Checkpointed):
         """One gossip step over the rows of `plan`, reading the imported rows; returns the
         step's stats, then one export per pool for the next step."""
         start = time.perf_counter()
+        self._judged += 1  # every pool counts every step, whatever its rows do
         if self.public is None:
             nb = self._neighbourhood(plan, list(imported))
             self.state.replace(*self._policy(nb)[:2])
@@ -198,6 +199,7 @@ class PeerPool(Checkpointed):
         update of the rows of `plan` that are not the identity's (the peers woken at this
         level pull their live neighbours' models, or push shares of theirs; every other row
         is left as it is). Returns the number of steps, then one export per pool."""
+        self._judged += 1  # every pool counts every level, woken rows or not
         if steps.size:
             self._one_step(steps)
         single = np.diff(plan.crow) == 1
@@ -349,7 +351,6 @@ class PeerPool(Checkpointed):
         batch = self.peers.consensus.evidence
         if not batch:
             return None
-        self._judged += 1
         x, y, mask = self.trainer.evidence(self.client_ids, self._judged, batch)
         return Evidence(x, y, mask, self.trainer.predict)
 
