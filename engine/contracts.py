@@ -25,7 +25,7 @@ from ray import cloudpickle
 
 from engine.compute.training import EXECUTORS, LocalSGD, batch_plan
 from engine.core import tree
-from engine.core.neighbourhood import Neighbourhood
+from engine.core.neighbourhood import Evidence, Neighbourhood
 from engine.core.params import ParamSpec, init_params
 from engine.core.plans import Dispatch
 from engine.core.plugins import Registry
@@ -171,17 +171,40 @@ def sample_neighbourhood(n: int = 6, p: int = 5, seed: int = 0) -> Neighbourhood
                          valid, torch.arange(n), layers=((0, 3), (3, p)))
 
 
+def _linear_logits(models: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A linear classifier [F, C] per row, flattened in `models` [n, F * C]: x @ W."""
+    return torch.einsum("nbf,nfc->nbc", x, models.view(models.shape[0], x.shape[-1], -1))
+
+
+def _with_policy_inputs(nb: Neighbourhood, policy: Consensus, seed: int = 0) -> Neighbourhood:
+    """A judging policy's own-data batches (a linear 3-feature model on P = 6: 2 classes)
+    and a stateful policy's first state rows."""
+    n = nb.num_peers
+    if policy.evidence:
+        rng = np.random.default_rng(seed)
+        x = torch.from_numpy(rng.normal(size=(n, policy.evidence, 3)).astype(np.float32))
+        y = (x[..., 0] > 0).long()
+        nb = nb._replace(evidence=Evidence(x, y, torch.ones(y.shape, dtype=torch.bool),
+                                           _linear_logits), layers=((0, 4), (4, 6)))
+    if policy.init_state is not None:
+        nb = nb._replace(state=policy.init_state(n).double().expand(n, -1).clone())
+    return nb._replace(ids=torch.arange(nb.models.shape[0]))
+
+
 def check_consensus(factory: Callable, params: dict | None = None,
                     remote: Remote = pickled) -> None:
-    """[n, P] models and [n] masses, finite, deterministic, the same bits in a Ray task; a
-    consensus (identical models) stays put; `mean_preserving` policies keep the mean."""
+    """[n, P] models and [n] masses (and [n, S] state rows for a stateful policy), finite,
+    deterministic, the same bits in a Ray task; a consensus (identical models) stays put;
+    `mean_preserving` policies keep the mean."""
     policy: Consensus = _built(CONSENSUS, factory, params)
-    nb = sample_neighbourhood()
-    models, mass = policy.update(nb)
+    nb = _with_policy_inputs(sample_neighbourhood(p=6), policy)
+    out = policy.update(nb)
+    models, mass = out[:2]
     assert models.shape == nb.models.shape and mass.shape == (nb.num_peers,), "shapes"
+    assert (len(out) == 3) == (policy.init_state is not None), "state rows iff init_state"
     _finite(models, "models")
-    _same(policy.update(nb), (models, mass), "the same neighbourhood twice gives other bits")
-    _same(remote(policy.update, nb), (models, mass), "another process gives other bits")
+    _same(policy.update(nb), out, "the same neighbourhood twice gives other bits")
+    _same(remote(policy.update, nb), out, "another process gives other bits")
     same = nb._replace(models=nb.models[:1].expand_as(nb.models).clone())
     torch.testing.assert_close(policy.update(same)[0], same.models, atol=1e-5, rtol=1e-5,
                                msg="moves peers that agree")

@@ -40,7 +40,8 @@ class Sampling(NamedTuple):
 
 
 class Consensus(NamedTuple):
-    """update(neighbourhood) -> (new models [n, P], new push-sum mass [n]).
+    """update(neighbourhood) -> (new models [n, P], new push-sum mass [n]), or with
+    `init_state` (new models, new mass, new state [n, S]).
 
     `sampling`: a sampling protocol (MoDeST) trains only a sample of peers a round, and the
     engine builds each round's W from the samples and aggregations instead of the graph."""
@@ -48,6 +49,11 @@ class Consensus(NamedTuple):
     update: Update
     sampling: Sampling | None = None
     pairwise: bool = False  # plain pairwise averaging (asynchronous gossip runs it natively)
+    # a batch of this many of each peer's own samples in `Neighbourhood.evidence` (0: none)
+    evidence: int = 0
+    # per-peer state: init_state(num_peers) -> the first row [S] (float64) of every peer;
+    # `update` then reads `Neighbourhood.state` and returns (models, mass, new state rows)
+    init_state: Callable[[int], torch.Tensor] | None = None
 
 
 def consensus_policy(mean_preserving: bool, needs_column_stochastic: bool = False):

@@ -13,7 +13,7 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from policies import gossip, optimizers, robust, transforms, weighting
+from policies import gossip, optimizers, peer_ranked, robust, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
 from policies.consensus import Consensus
@@ -84,6 +84,8 @@ CONSENSUS: Registry[Consensus] = Registry("policy", {
     "clipped_gossip": gossip.clipped_gossip,
     "monna": gossip.monna,
     "modest": gossip.modest,
+    "peer_ranked": peer_ranked.peer_ranked,
+    "bristle": peer_ranked.bristle,
 }, check=_is_consensus)
 
 

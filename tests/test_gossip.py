@@ -50,7 +50,7 @@ def peer_pools(num_pools: int, consensus: str = "gossip", mixing: str = "metropo
     policy = build_consensus(CONSENSUS.spec({consensus: kwargs}, "consensus"),
                              mixing == "push_sum")
     peers = PeerSpec(policy, "shared", np.zeros(0, dtype=np.int64), None,
-                     task_evaluator(task, cfg.seed, np.arange(20)), consensus_step)
+                     task_evaluator(task, cfg.seed, np.arange(20)), consensus_step, PEERS)
     return make_pools(task, spec, RuntimeOptions(backend, num_pools), PeerPool,
                       (peers, params.numpy())), params.numel()
 

@@ -19,7 +19,7 @@ from engine.compute.evaluation import Evaluator
 from engine.compute.pool import PoolSpec, make_trainer
 from engine.compute.rl import ReturnEvaluator
 from engine.compute.state import Checkpointed, PeerModels, RowState
-from engine.core.neighbourhood import Forge, Neighbourhood
+from engine.core.neighbourhood import Evidence, Forge, Neighbourhood
 from engine.core.params import init_params
 from engine.core.seeds import splitmix64
 from engine.core.tree import TreeSums
@@ -35,6 +35,7 @@ class PeerSpec:
     forge: Forge | None
     evaluator: Evaluator | ReturnEvaluator  # what scores each evaluated peer
     consensus_step: float = 1.0  # CHOCO-SGD's gamma, with compressed gossip
+    num_peers: int = 0  # the population (the width of a stateful policy's per-peer rows)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ class PeerPool(Checkpointed):
             self.compressor.contraction(int(self.state.numer.shape[1]))
         self._published = 0
         self._messages = np.zeros(self.client_ids.size, dtype=np.uint64)  # per peer, async
+        # a stateful policy's rows (e.g. reputations), and the count of gossip steps and
+        # wake-up levels so far, which keys the batches of own data a judging policy reads
+        init = peers.consensus.init_state
+        self.policy_state = None if init is None else \
+            init(peers.num_peers).double().expand(self.client_ids.size, -1).clone()
+        self._judged = 0
         self.trainer.local_training(torch.from_numpy(np.array(params)), self.client_ids[:32],
                                     0)  # warm-up, discarded
 
@@ -158,13 +165,14 @@ class PeerPool(Checkpointed):
         """One gossip step over the rows of `plan`, reading the imported rows; returns the
         step's stats, then one export per pool for the next step."""
         start = time.perf_counter()
+        self._judged += 1  # every pool counts every step, whatever its rows do
         if self.public is None:
             nb = self._neighbourhood(plan, list(imported))
-            self.state.replace(*self.peers.consensus.update(nb))
+            self.state.replace(*self._policy(nb)[:2])
         else:  # CHOCO: x += gamma (policy over the public copies - own public copy)
             own = self.public.rows
             nb = self._neighbourhood(plan, list(imported), own)
-            mixed, _ = self.peers.consensus.update(nb)
+            mixed = self._policy(nb)[0]
             self.state.numer = self.state.numer + self.peers.consensus_step * (mixed - own)
         stats = self._stats(shift, time.perf_counter() - start)
         return (stats, *self._exports(plan.exports, publish=not plan.last))
@@ -191,6 +199,7 @@ class PeerPool(Checkpointed):
         update of the rows of `plan` that are not the identity's (the peers woken at this
         level pull their live neighbours' models, or push shares of theirs; every other row
         is left as it is). Returns the number of steps, then one export per pool."""
+        self._judged += 1  # every pool counts every level, woken rows or not
         if steps.size:
             self._one_step(steps)
         single = np.diff(plan.crow) == 1
@@ -199,15 +208,25 @@ class PeerPool(Checkpointed):
         rows = torch.from_numpy(np.flatnonzero(woken))
         if woken.any() and self.public is None:
             nb = self._neighbourhood(plan, list(imported))
-            numer, mass = self.peers.consensus.update(nb)
+            numer, mass = self._policy(nb, rows)[:2]
             self.state.numer[rows], self.state.mass[rows] = numer[rows], mass[rows]
         elif woken.any():  # CHOCO, one peer at a time: publish, then step on public copies
             self._publish(rows)
             own = self.public.rows
-            mixed, _ = self.peers.consensus.update(self._neighbourhood(plan, list(imported),
-                                                                       own))
+            mixed = self._policy(self._neighbourhood(plan, list(imported), own), rows)[0]
             self.state.numer[rows] += self.peers.consensus_step * (mixed[rows] - own[rows])
         return (int(steps.size), *self._exports(plan.exports, publish=False))
+
+    def _policy(self, nb: Neighbourhood, rows: torch.Tensor | None = None) -> tuple:
+        """The consensus update; a stateful policy's new state rows are kept (only `rows`,
+        the woken peers, in an asynchronous level)."""
+        out = self.peers.consensus.update(nb)
+        if self.policy_state is not None:
+            if rows is None:
+                self.policy_state = out[2]
+            else:
+                self.policy_state[rows] = out[2][rows]
+        return out
 
     def async_flush(self, shift: np.ndarray | None, *imported: Export) -> MixStats:
         """Finish the last level's exchanges; the block's consensus sums."""
@@ -320,11 +339,20 @@ class PeerPool(Checkpointed):
         index, weights, valid = _padded(plan, np.searchsorted(gathered, plan.cols))
         own = torch.from_numpy(np.searchsorted(gathered, self.client_ids))
         index = torch.where(valid, index, own[:, None])
-        nb = Neighbourhood(models, mass, index, weights, valid, own, layers=self.layers)
+        nb = Neighbourhood(models, mass, index, weights, valid, own, layers=self.layers,
+                           ids=torch.from_numpy(gathered), state=self.policy_state,
+                           evidence=self._evidence())
         if self.peers.forge is not None and self.peers.byzantine.size:
             byz = torch.from_numpy(np.isin(gathered, self.peers.byzantine))
             nb = nb._replace(forged=self.peers.forge(nb, byz))
         return nb
+
+    def _evidence(self) -> Evidence | None:
+        batch = self.peers.consensus.evidence
+        if not batch:
+            return None
+        x, y, mask = self.trainer.evidence(self.client_ids, self._judged, batch)
+        return Evidence(x, y, mask, self.trainer.predict)
 
     def _stats(self, shift: np.ndarray | None, mix_s: float) -> MixStats:
         z = self.models() if bool(self.honest.all()) else self.models()[self.honest]

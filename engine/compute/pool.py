@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.func import functional_call, vmap
 
 from engine.compute.rl import EnvTrainer
 from engine.compute.shards import ShardIds
@@ -26,7 +27,7 @@ from engine.compute.training import (
     step_budgets,
 )
 from engine.core.params import ParamSpec, flatten_module
-from engine.core.seeds import SeedTree
+from engine.core.seeds import SeedTree, keyed_permutations
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
 from policies.compression import Compressor, none, with_error_feedback
@@ -163,6 +164,29 @@ class ShardTrainer(ShardIds):
         return Trained(*(None if parts[0] is None else torch.cat(parts) for parts in zip(
             *((b.deltas, b.losses, b.steps, b.momentum) for b in blocks), strict=True))), counts
 
+
+    def evidence(self, client_ids: np.ndarray, key: int, batch: int):
+        """(x [n, B, ...], y [n, B], mask [n, B]): up to `batch` of each client's own samples,
+        a keyed draw per (key, client) without replacement."""
+        local = np.searchsorted(self.client_ids, client_ids)
+        counts = self.offsets[local + 1] - self.offsets[local]
+        keys = self.seeds.client_keys("evidence", key, client_ids)
+        picks = keyed_permutations(keys, counts, max(int(counts.max(initial=0)), batch))
+        picks = picks[:, :batch]
+        mask = picks >= 0
+        rows = torch.from_numpy(np.where(mask, picks + self.offsets[local][:, None], 0))
+        mask = torch.from_numpy(mask)
+        keep = mask.view(*mask.shape, *([1] * (self.x.dim() - 1)))
+        return torch.where(keep, self.x[rows], 0.0), torch.where(mask, self.y[rows], 0), mask
+
+    def predict(self, models: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """logits [n, B, C]: row i's model (flat [n, P]) on row i's inputs x [n, B, ...]."""
+        if getattr(self, "_predict", None) is None:
+            model, spec = self.model, self.param_spec
+            self._predict = vmap(lambda flat, xb: functional_call(model, spec.unflatten(flat),
+                                                                  (xb,)))
+        with torch.no_grad():
+            return self._predict(models, x)
 
 
 def make_trainer(spec: PoolSpec, shard: Shard | EnvShard) -> ShardTrainer | EnvTrainer:

@@ -353,12 +353,24 @@ class AsyncGossipConfig(_Strict):
                              "other than plain gossip pull from their neighbours)")
 
 
+class GossipScheduleConfig(_Strict):
+    """How many gossip steps each synchronous round takes (policies/schedules.py): `constant`
+    (gossip.steps every round), or a total `budget` spread `uniform`ly, `increasing` with the
+    round, or over the `late` rounds (the last `late_fraction` of them)."""
+
+    kind: Literal["constant", "uniform", "increasing", "late"] = "constant"
+    budget: int | None = Field(None, ge=0, le=10**9, description="total gossip steps")
+    late_fraction: float | None = Field(None, gt=0, le=1, description="kind late: the share "
+                                        "of rounds, at the end, that gossip (default 0.5)")
+
+
 class GossipConfig(_Strict):
     """Decentralized learning: how peers mix, how often, and how they are evaluated."""
 
     mode: Literal["sync", "async"] = "sync"
     mixing: Any = Field("metropolis_hastings", description="scenarios/mixing.py MIXING")
     steps: int = Field(1, ge=1, le=10**6, description="gossip steps per round")
+    schedule: GossipScheduleConfig = GossipScheduleConfig()
     init: Literal["shared", "independent"] = "shared"
     final_merge: bool = False
     # measured on configs/gossip_ring.yaml with topk 0.01: gamma 1 reaches 0.730 (consensus

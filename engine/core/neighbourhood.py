@@ -18,6 +18,18 @@ class Forged(NamedTuple):
     values: torch.Tensor  # [e, P] float32
 
 
+class Evidence(NamedTuple):
+    """A batch of each peer's own data, for policies that judge received models on it
+    (`Consensus.evidence`): row i's samples are drawn from peer i's own rows only, keyed by
+    (gossip step, peer), so they do not depend on the pool layout."""
+
+    x: torch.Tensor  # [n, B, ...] inputs
+    y: torch.Tensor  # [n, B] int64 labels
+    mask: torch.Tensor  # [n, B] bool: False on padding (a peer with fewer than B samples)
+    # (models [n, P], x [n, B, ...]) -> logits [n, B, C]: row i's model on row i's batch
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Neighbourhood(NamedTuple):
     """One gossip step as seen by a block of n peers.
 
@@ -34,6 +46,9 @@ class Neighbourhood(NamedTuple):
     own: torch.Tensor  # [n] int64: each peer's own row in `models`
     forged: Forged | None = None
     layers: tuple[tuple[int, int], ...] = ()  # (start, stop) of each parameter tensor
+    ids: torch.Tensor | None = None  # [M] int64 global peer ids of `models`
+    evidence: Evidence | None = None  # the peers' own data (policies that judge models)
+    state: torch.Tensor | None = None  # [n, S] float64 the policy's per-peer state rows
 
     @property
     def num_peers(self) -> int:

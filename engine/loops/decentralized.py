@@ -43,6 +43,10 @@ class GossipSetup:
     world: PeerWorld  # who is online, who trains, the round's W, how long it lasts
     model_bytes: int = 0  # bytes of one gossip message (a model, or a compressed difference)
     dead_rounds: int = 0  # all-dropped rounds in a row that end the run as diverged
+    schedule: np.ndarray | None = None  # gossip steps of each round (None: `steps` always)
+
+    def steps_at(self, r: int) -> int:
+        return self.steps if self.schedule is None else int(self.schedule[r])
 
 
 def pool_imports(w: sparse.csr_matrix, bounds: np.ndarray) -> list[list[np.ndarray]]:
@@ -120,6 +124,10 @@ def gossip_steps(pools: Pools, w: sparse.csr_matrix, imports, carried, steps: in
     return pools.get([c[0] for c in carried])
 
 
+def _identity(n: int) -> sparse.csr_matrix:
+    return sparse.identity(n, dtype=np.float64, format="csr")
+
+
 def _sorted(w: sparse.csr_matrix) -> sparse.csr_matrix:
     w = sparse.csr_matrix(w)
     w.sort_indices()
@@ -174,9 +182,11 @@ class GossipRounds:
         t0 = time.perf_counter()
         plan = self.setup.world.plan(r)
         self.logger.append(event_rows(r, plan.start_s, plan.events))
-        w = plan.w
-        trained, mixed = gossip_round(self.pools, w, r, self.setup.steps, self.shift,
-                                      plan.trainers)
+        w, steps = plan.w, self.setup.steps_at(r)
+        # a round without communication (a schedule's 0): one step with the identity, which
+        # leaves every model as it is and sends nothing
+        trained, mixed = gossip_round(self.pools, w if steps else _identity(w.shape[0]), r,
+                                      max(steps, 1), self.shift, plan.trainers)
         t1 = time.perf_counter()
         self.mean, self.consensus_distance = consensus_summary(mixed, self.shift)
         if plan.evaluated is not None:
@@ -187,8 +197,8 @@ class GossipRounds:
             self.consensus_distance, self.aggregate = 0.0, None
         losses = _honest_losses(trained, self.setup.byzantine)
         self.setup.world.reported(*_peer_losses(trained))
-        messages = (w.nnz - w.shape[0]) * self.setup.steps  # off-diagonal: one model each
-        sent = (np.bincount(w.indices, minlength=w.shape[0]) - 1) * self.setup.steps
+        messages = (w.nnz - w.shape[0]) * steps  # off-diagonal: one model each
+        sent = (np.bincount(w.indices, minlength=w.shape[0]) - 1) * steps
         self.last = (trained, losses, messages, plan.start_s + plan.duration_s,
                      sent * self.setup.model_bytes)
         return Round(int(sum(t.peer_ids.size for t in trained)),

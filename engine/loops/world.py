@@ -144,7 +144,7 @@ class PeerWorld:
     def __init__(self, network: Network, failures: FailuresConfig, liveness: Liveness,
                  availability: Availability, selection: Selection, k: int | None,
                  devices: Devices, hp: LocalSGD, sizes: np.ndarray, seeds: SeedTree,
-                 message_bytes: int, gossip_steps: int, deadline_s: float | None,
+                 message_bytes: int, gossip_steps: int | np.ndarray, deadline_s: float | None,
                  faults: bool) -> None:
         self.network, self.failures, self.liveness = network, failures, liveness
         self.availability, self.selection, self.k = availability, selection, k
@@ -230,7 +230,9 @@ class PeerWorld:
         sent = np.bincount(w.indices, minlength=self.n) - 1  # rows that read it: messages sent
         trains = np.ones(self.n, dtype=bool) if trainers is None else np.isin(ids, trainers)
         steps = np.where(trains, local_steps(self.hp, self.sizes, self.seeds, ids, r), 0)
-        messages = self.gossip_steps * self.model_bytes
+        steps_r = self.gossip_steps if np.isscalar(self.gossip_steps) else \
+            int(self.gossip_steps[min(r, len(self.gossip_steps) - 1)])
+        messages = steps_r * self.model_bytes
         task = self.devices.task_time(ids, steps, np.maximum(degree, 0) * messages,
                                       np.maximum(sent, 0) * messages)
         return np.where(online, task, np.inf)

@@ -84,7 +84,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "link_failure": ("failures.link_failure",),
     "topology": ("topology",),
     "mixing": ("gossip.mixing",),
-    "gossip_steps": ("gossip.steps",),
+    "gossip_steps": ("gossip.steps", "gossip.schedule"),
     "clocks": ("gossip.asynchronous",),
     "gossip": ("gossip",),  # the peers' own settings: init, final merge, their evaluation
     "consensus": ("consensus",),

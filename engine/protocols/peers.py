@@ -19,7 +19,7 @@ from engine.loops.decentralized import GossipSetup, decentralized_rounds
 from engine.loops.sampling import SampledWorld
 from engine.loops.world import PeerWorld, upload_bytes
 from engine.protocols.base import Plugins, ProtocolSpec
-from engine.protocols.worlds import build_peer_world
+from engine.protocols.worlds import build_peer_world, peer_schedule
 from engine.records.logs import RunRows
 from scenarios.adversaries import Adversary
 from scenarios.mixing import column_stochastic
@@ -52,13 +52,17 @@ class Peers:
 
     def pools(self, task, spec, options, params, adversary, seeds) -> Pools:
         g = self.cfg.gossip
+        if self.consensus.evidence and not isinstance(task, FederatedTask):
+            raise ConfigError("consensus: this policy judges models on the peers' labelled "
+                              "data; a task learnt by acting has none")
         rows = None
         if isinstance(task, FederatedTask):  # each peer is scored on a sample of the test set
             rng, size = seeds.rng("peer_test_sample"), task.data.y_test.size
             rows = np.sort(rng.choice(size, min(g.peer_test_samples, size), replace=False))
         peers = PeerSpec(self.consensus, g.init, byzantine_ids(adversary),
                          None if adversary is None else adversary.attack.forge,
-                         task_evaluator(task, self.cfg.seed, rows), g.consensus_step)
+                         task_evaluator(task, self.cfg.seed, rows), g.consensus_step,
+                         self.cfg.population.num_clients)
         return make_pools(task, spec, options, PeerPool, (peers, params.numpy()))
 
     def describe(self, row: RunRows, world: PeerWorld) -> RunRows:
@@ -75,7 +79,7 @@ class Peers:
         return GossipSetup(self.cfg.rounds, g.steps, self.cfg.eval_every, g.eval_peers,
                            g.final_merge, seeds, byzantine_ids(adversary), world,
                            upload_bytes(self.plugins.compressor, model_bytes),
-                           self.cfg.diverge_after)
+                           self.cfg.diverge_after, peer_schedule(self.cfg))
 
     def loop(self, pools, params, evaluator, logger, progress, seeds, adversary, world,
              keeper=None):

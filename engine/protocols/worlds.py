@@ -4,11 +4,15 @@ world models, and MoDeST's sampled rounds over them)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from engine.core.config import ExperimentConfig
+from engine.core.errors import ConfigError
 from engine.core.seeds import SeedTree
 from engine.loops.sampling import SampledWorld
 from engine.loops.world import PeerWorld, SyncWorld, upload_bytes
 from engine.protocols.base import Plugins
+from policies.schedules import gossip_schedule
 from scenarios.devices import build_devices
 from scenarios.failures import Liveness, peer_faults_configured
 from scenarios.network import Network
@@ -32,6 +36,15 @@ def build_world(cfg: ExperimentConfig, client_sizes, hp, model_bytes: int,
                      Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor)
 
 
+def peer_schedule(cfg: ExperimentConfig) -> np.ndarray:
+    """int64 [rounds]: the gossip steps of each synchronous round (policies/schedules.py)."""
+    s = cfg.gossip.schedule
+    if s.kind != "constant" and cfg.gossip.steps != 1:
+        raise ConfigError(f"gossip.steps: with gossip.schedule.kind={s.kind} the budget sets "
+                          "the steps of each round; leave gossip.steps out")
+    return gossip_schedule(s.kind, cfg.rounds, cfg.gossip.steps, s.budget, s.late_fraction)
+
+
 def build_peer_world(cfg: ExperimentConfig, sizes, hp, model_bytes: int,
                      plugins: Plugins) -> PeerWorld | SampledWorld:
     """The world of a decentralized run: the network, liveness, availability, selection of
@@ -43,7 +56,7 @@ def build_peer_world(cfg: ExperimentConfig, sizes, hp, model_bytes: int,
                       Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.availability,
                       plugins.selection, clients_per_round(cfg.population),
                       build_devices(plugins.devices, cfg.devices.path, n, seeds), hp, sizes,
-                      seeds, upload_bytes(plugins.compressor, model_bytes), cfg.gossip.steps,
+                      seeds, upload_bytes(plugins.compressor, model_bytes), peer_schedule(cfg),
                       cfg.selection.deadline_s,
                       peer_faults_configured(cfg.failures))
     sampling = plugins.consensus.sampling
