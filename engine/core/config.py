@@ -297,6 +297,13 @@ class FailuresConfig(_Strict):
                                                             "round")
 
 
+class PlatformConfig(PluginSection):
+    """How the server's aggregation is hosted, timed in virtual time (scenarios/platforms.py
+    PLATFORMS: none, always_on, lifl); the numerical sum does not depend on it."""
+
+    kind: str = "none"
+
+
 class ServerConfig(PluginSection):
     """How the server runs: `mode` names a server rule (policies/asynchronous.py SERVER_RULES:
     sync, fedasync, fedbuff, fedfix, fedcompass) with its parameters as the other keys."""
@@ -307,6 +314,7 @@ class ServerConfig(PluginSection):
                              "once (fedcompass: also those waiting for their group)")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) "
                             "reported per round with aggregation dp_gaussian")
+    platform: PlatformConfig = PlatformConfig()  # sync FL: the aggregators' timing model
 
 
 class AttackConfig(PluginSection):
@@ -413,7 +421,7 @@ PLUGIN_SECTIONS: dict[str, type[PluginSection]] = {
     "task": TaskConfig, "task.model": ModelConfig, "partition": PartitionConfig,
     "population.availability": AvailabilityConfig, "training.compression": CompressionConfig,
     "selection": SelectionConfig, "server": ServerConfig, "attack": AttackConfig,
-    "topology": TopologyConfig,
+    "topology": TopologyConfig, "server.platform": PlatformConfig,
 }
 
 
