@@ -26,6 +26,7 @@ from engine.core.plans import COMPLETED, RoundPlan
 from engine.core.seeds import SeedTree
 from policies.compression import Compressor
 from policies.selection import Selection
+from policies.streaming import fragment_bytes
 from scenarios.availability import Availability
 from scenarios.devices import Devices
 from scenarios.failures import Liveness, round_faults
@@ -59,6 +60,10 @@ class SyncWorld:
         controls = model_bytes if cfg.training.scaffold else 0  # SCAFFOLD's travel along
         self.transfer = model_bytes + controls  # down: the model
         self.upload = upload_bytes(compressor, model_bytes) + controls
+        s = cfg.training.streaming
+        if s is not None:  # Streaming DiLoCo: a fragment up (quantised) and down (float32)
+            self.transfer = fragment_bytes(model_bytes // 4, s.fragments, 32)
+            self.upload = fragment_bytes(model_bytes // 4, s.fragments, s.bits)
         self.anarchic = availability.chooses_steps
         self.platform = platform if platform is not None and platform.modelled else None
         self.losses = np.full(n, np.inf)  # last reported training loss (power-of-choice)

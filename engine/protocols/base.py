@@ -80,6 +80,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "deadline": ("selection.deadline_s",),
     "scaffold": ("training.scaffold",),
     "compression": ("training.compression",),
+    "streaming": ("training.streaming",),
     "error_feedback": ("training.compression.error_feedback",),
     "local_steps": ("training.local_epochs", "training.max_local_steps",
                     "training.min_local_steps"),
@@ -201,6 +202,7 @@ def check_settings(cfg: ExperimentConfig, protocol: ProtocolSpec) -> None:
 _GENERIC = {
     "server": "peers have no server",
     "platform": "peers have no server to host aggregators",
+    "streaming": "Streaming DiLoCo's outer step runs on a server",
     "aggregation": "peers have no server to aggregate; consensus sets how they mix",
     "scaffold": "SCAFFOLD's controls live on a server",
     "topology": "clients talk to a server, not over a graph",
