@@ -155,6 +155,8 @@ TRAINING: list[tuple[str, dict[str, Any]]] = [
     ("scaffold", {"training": {"scaffold": True}}),
     ("fedprox", {"training": {"prox_mu": 0.01}}),
     ("momentum", {"training": {"momentum": 0.9}}),
+    ("streaming diloco", {"training": {"streaming": {"fragments": 2, "tau": 1,
+                                                     "alpha": 0.5}}}),
     ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}),
     ("error feedback off", {"training": {"compression": {"kind": "topk",
                                                          "error_feedback": False}}}),
