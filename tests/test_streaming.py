@@ -20,7 +20,7 @@ from policies.streaming import (
     streaming_diloco_outer,
 )
 from tests.conftest import small_config
-from tests.test_world_loop import INLINE
+from tests.test_world_loop import INLINE, world_of
 
 
 def test_e3m0_by_hand():
@@ -104,11 +104,15 @@ def test_one_fragment_unquantised_is_diloco(tmp_path):
     a = run_experiment(plain, INLINE, tmp_path / "a", False)
     b = run_experiment(stream, INLINE, tmp_path / "b", False)
     assert torch.equal(a.loop.params, b.loop.params)
+
+
+def test_a_round_sends_one_quantised_fragment():
+    """A 1000-byte model (250 parameters) in 4 fragments: 63 down in float32 (252 B) and
+    up in 4 bits (32 B) with a 4-byte scale, per worker, against 1000 B each way."""
     four = _diloco(streaming={"fragments": 4, "bits": 4})
-    world_bytes = [prepare(c).world.plan(0).bytes for c in (plain, four)]
-    p = a.loop.params.numel()
-    f = -(-p // 4)  # the longest fragment: down in float32, up in 4 bits and a scale
-    assert world_bytes == [6 * 8 * p, 6 * (4 * f + -(-f // 2) + 4)]
+    sizes = [20] * 6
+    assert [world_of(c, sizes).plan(0).bytes for c in (_diloco(), four)] == \
+        [6 * 2000, 6 * (252 + 32 + 4)]
 
 
 def test_streaming_refusals():
