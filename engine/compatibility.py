@@ -39,6 +39,7 @@ from scenarios.datasets import DATASETS
 from scenarios.mixing import MIXING
 from scenarios.models import MODELS
 from scenarios.partition import PARTITIONS
+from scenarios.platforms import PLATFORMS
 from scenarios.topology import TOPOLOGIES
 
 # The tiny task every cell runs on: 8 clients (peers) of digits, a logistic model, 2 rounds.
@@ -154,6 +155,8 @@ TRAINING: list[tuple[str, dict[str, Any]]] = [
     ("scaffold", {"training": {"scaffold": True}}),
     ("fedprox", {"training": {"prox_mu": 0.01}}),
     ("momentum", {"training": {"momentum": 0.9}}),
+    ("streaming diloco", {"training": {"streaming": {"fragments": 2, "tau": 1,
+                                                     "alpha": 0.5}}}),
     ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}),
     ("error feedback off", {"training": {"compression": {"kind": "topk",
                                                          "error_feedback": False}}}),
@@ -179,6 +182,8 @@ def rows() -> list[Row]:
                     lambda v: {"server": {"staleness": _kind(v)}})
     out += _rows_of("compression", [n for n in COMPRESSORS.names() if n != "none"],
                     lambda v: {"training": {"compression": _kind(v)}})
+    out += _rows_of("platform", [n for n in PLATFORMS.names() if n != "none"],
+                    lambda v: {"server": {"platform": _kind(v)}})
     out += _rows_of("availability", [n for n in AVAILABILITY.names() if n != "always"],
                     lambda v: {"population": {"availability": _kind(v)}})
     out += _rows_of("topology", TOPOLOGIES.names(), lambda v: {"topology": _kind(v)})

@@ -48,6 +48,7 @@ from scenarios.environments import Environments
 from scenarios.mixing import MIXING, column_stochastic
 from scenarios.models import MODELS, ModelSpec
 from scenarios.partition import PARTITIONS
+from scenarios.platforms import PLATFORMS, Platform
 from scenarios.topology import TOPOLOGIES, Graph, ring
 
 Remote = Callable[..., Any]  # remote(fn, *args) -> fn(*args), run in another process
@@ -511,6 +512,19 @@ def check_executor(factory: Callable, params: dict | None = None,
     _same(remote(train, executor_class).deltas, out.deltas, "another process")
 
 
+def check_platform(factory: Callable, params: dict | None = None,
+                   remote: Remote = pickled) -> None:
+    """Finite, non-negative latency and aggregator-seconds; no arrival, no latency; the
+    same timing for the arrivals in any order and in any process."""
+    platform: Platform = _built(PLATFORMS, factory, params)
+    arrivals = np.array([0.4, 0.1, 0.9, 0.3, 0.35, 0.8, 0.2])
+    out = platform.timing(arrivals, 4_000_000, 0.9)
+    assert all(math.isfinite(v) and v >= 0 for v in out[:2]), "finite, non-negative"
+    assert platform.timing(np.zeros(0), 4_000_000, 0.5).latency_s == 0.0, "no arrival"
+    assert platform.timing(arrivals[::-1].copy(), 4_000_000, 0.9) == out, "arrival order"
+    assert remote(platform.timing, arrivals, 4_000_000, 0.9) == out, "another process"
+
+
 def check_ranking(factory: Callable, params: dict | None = None,
                   remote: Remote = pickled) -> None:
     """A permutation of the items; unanimous rankings give themselves back; the same in any
@@ -540,6 +554,7 @@ CHECKERS: dict[str, tuple[Registry, Callable[..., None]]] = {
     "staleness": (STALENESS, check_staleness),
     "executor": (EXECUTORS, check_executor),
     "ranking": (RANKING, check_ranking),
+    "platform": (PLATFORMS, check_platform),
 }
 
 # Parameters the checkers give entries whose defaults need a file or do not fit the tiny

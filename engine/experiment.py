@@ -39,6 +39,7 @@ from engine.records.logs import (
 )
 from engine.records.progress import RoundProgress
 from engine.resolve import build_task, config_yaml, digest, resolve
+from policies.streaming import Streaming
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.environments import EnvTask
 from scenarios.models import ModelSpec
@@ -97,7 +98,9 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
                   t.min_local_steps, t.scaffold)
     world = mode.world(seeds, task, hp, params)
     spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
-                    cfg.training.compression.error_feedback, fisher=mode.fisher)
+                    cfg.training.compression.error_feedback, fisher=mode.fisher,
+                    streaming=None if t.streaming is None else Streaming(
+                        **t.streaming.model_dump()))
     return _Parts(mode, seeds, adversary, task, world, params, spec)
 
 

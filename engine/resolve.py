@@ -43,6 +43,7 @@ from scenarios.environments import ENVIRONMENT_ENTRIES
 from scenarios.mixing import MIXING, column_stochastic
 from scenarios.models import MODELS
 from scenarios.partition import PARTITIONS
+from scenarios.platforms import PLATFORMS
 from scenarios.task import FederatedTask
 from scenarios.task import build_task as scenario_task
 from scenarios.topology import TOPOLOGIES
@@ -52,7 +53,7 @@ SECTIONS: dict[str, Registry] = {
     "task": DATASETS, "task.model": MODELS, "partition": PARTITIONS,
     "population.availability": AVAILABILITY, "training.compression": COMPRESSORS,
     "selection": SELECTION, "server": SERVER_RULES, "attack": ATTACKS,
-    "topology": TOPOLOGIES,
+    "topology": TOPOLOGIES, "server.platform": PLATFORMS,
 }
 def _kinds(registry: Registry) -> dict[str, list[str]]:
     return {name: list(registry.parameters(registry[name])) for name in registry.names()}
@@ -114,6 +115,7 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
             DISTRIBUTIONS.spec(cfg.failures.crash.downtime, "failures.crash.downtime")),
         server=built["server"], attack=attack, topology=built["topology"], mixing=mixing,
         aggregation=aggregation, consensus=consensus, protocol=protocol,
+        platform=built["server.platform"],
     )
 
 

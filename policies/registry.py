@@ -13,7 +13,7 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from policies import gossip, optimizers, peer_ranked, robust, transforms, weighting
+from policies import gossip, optimizers, peer_ranked, robust, streaming, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
 from policies.consensus import Consensus
@@ -66,6 +66,7 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "server_sgd": server_sgd,
     "server_momentum": optimizers.server_momentum,
     "diloco_outer": optimizers.diloco_outer,
+    "streaming_diloco_outer": streaming.streaming_diloco_outer,
     "server_adagrad": optimizers.server_adagrad,
     "server_adam": optimizers.server_adam,
     "server_yogi": optimizers.server_yogi,
@@ -75,7 +76,7 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "fedadam": optimizers.fedadam,
     "fedau": fedau,
     "frl": frl,
-}, engine=("num_clients", "supermask_layers", "seed"), check=_is_stage)
+}, engine=("num_clients", "supermask_layers", "seed", "fragments"), check=_is_stage)
 
 CONSENSUS: Registry[Consensus] = Registry("policy", {
     "gossip": gossip.gossip,
@@ -178,16 +179,18 @@ def _check_order(factories: list[Callable]) -> None:
 
 def build_aggregator(specs: Sequence[PluginSpec], num_clients: int | None = None,
                      supermask_layers: tuple[int, ...] | None = None,
-                     seeds: SeedTree | None = None) -> Aggregator:
+                     seeds: SeedTree | None = None, fragments: int | None = None
+                     ) -> Aggregator:
     """The chain of `specs`, composed. The engine's values fill the stages' parameters of
     those names: `num_clients` (the population size), `supermask_layers`
     (ModelSpec.supermask_layers) and `seed`, a stage's own stream of the run's seed tree
-    (`aggregation.<name>`, at its position in the chain)."""
+    (`aggregation.<name>`, at its position in the chain), and `fragments` (Streaming DiLoCo's
+    P, training.streaming)."""
     seeds = seeds or SeedTree(0)
     stages = []
     for i, spec in enumerate(specs):
         engine = {"num_clients": num_clients, "supermask_layers": supermask_layers,
-                  "seed": seeds.integer(f"aggregation.{spec.kind}", i)}
+                  "seed": seeds.integer(f"aggregation.{spec.kind}", i), "fragments": fragments}
         stages.append(AGGREGATION.build(spec, **{k: v for k, v in engine.items()
                                                  if v is not None}))
     return stages[0] if len(stages) == 1 else chain(*stages)

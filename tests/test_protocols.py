@@ -47,6 +47,8 @@ SETTING = {
     "clocks": "gossip.asynchronous.edge_rate=2.0",
     "gossip": "gossip.final_merge=true",
     "consensus": "consensus=monna",
+    "platform": "server.platform.kind=lifl",
+    "streaming": "training.streaming.fragments=2",
 }
 
 

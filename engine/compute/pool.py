@@ -6,6 +6,7 @@ in-process. Pools never choose clients; they train whom they are told to.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from engine.core.seeds import SeedTree, keyed_permutations
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
 from policies.compression import Compressor, none, with_error_feedback
+from policies.streaming import Streaming, fragment_bounds, fragment_of_round, quantized
 from scenarios.environments import EnvShard
 from scenarios.models import ModelSpec
 from scenarios.task import Shard
@@ -51,6 +53,7 @@ class PoolSpec:
     compressor: Compressor = none()  # applied to each client's delta
     error_feedback: bool = True  # keep each client's compression residual
     fisher: bool = False  # clients also return their local model's diagonal Fisher
+    streaming: Streaming | None = None  # Streaming DiLoCo: workers keep their parameters
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,48 @@ class ShardTrainer(ShardIds):
             return self._predict(models, x)
 
 
+class WorkerModels(RowState):
+    """Streaming DiLoCo's workers (Douillard et al., 2025; policies/streaming.py): each
+    client keeps its own parameters across rounds (rows, with `known` false until it first
+    trains: it then starts from the global model)."""
+
+    def __init__(self, num_clients: int, num_params: int) -> None:
+        super().__init__(num_clients, num_params)
+        self.known = torch.zeros(num_clients, dtype=torch.bool)
+
+    def zero_(self) -> None:
+        super().zero_()
+        self.known.zero_()
+
+    def start(self, local: torch.Tensor, params: torch.Tensor, r: int,
+              s: Streaming) -> torch.Tensor:
+        """[C, P]: each worker's own parameters (the global model if it has none yet), with
+        the fragment whose outer step ended round r - 1 - tau merged in:
+        own <- alpha own + (1 - alpha) global."""
+        known = self.known[local][:, None]
+        own = torch.where(known, self.rows[local], params[None, :])
+        done = r - 1 - s.tau
+        if done >= 0:
+            lo, hi = fragment_bounds(params.numel(), s.fragments,
+                                     fragment_of_round(done, s.fragments))
+            merged = s.alpha * own[:, lo:hi] + (1 - s.alpha) * params[None, lo:hi]
+            own[:, lo:hi] = torch.where(known, merged, own[:, lo:hi])
+        return own
+
+    def trained(self, local: torch.Tensor, params: torch.Tensor, start: torch.Tensor,
+                deltas: torch.Tensor, r: int, s: Streaming, finite: torch.Tensor
+                ) -> torch.Tensor:
+        """Keep each worker's new parameters (finite ones); return what it sends: on round
+        r's fragment, own - global as sent (quantised to `bits`), zero elsewhere."""
+        self.put(local, start + deltas, keep=finite)
+        self.known[local[finite]] = True
+        lo, hi = fragment_bounds(params.numel(), s.fragments, fragment_of_round(r, s.fragments))
+        sent = torch.zeros_like(deltas)
+        sent[:, lo:hi] = quantized((start[:, lo:hi] - params[None, lo:hi]) + deltas[:, lo:hi],
+                                   s.bits)
+        return sent
+
+
 def make_trainer(spec: PoolSpec, shard: Shard | EnvShard) -> ShardTrainer | EnvTrainer:
     """A shard's trainer: local SGD on its clients' rows, or PPO in their environments."""
     if isinstance(shard, EnvShard):
@@ -211,8 +256,10 @@ class ClientPool(Checkpointed):
         self.compressor = None if spec.compressor.lossless else spec.compressor
         self.residuals = RowState(n, size) if (
             self.compressor is not None and spec.error_feedback) else None
+        # Streaming DiLoCo: each worker's own parameters, and whether it has trained yet
+        self.workers = None if spec.streaming is None else WorkerModels(n, size)
         self._warm_up()
-        for state in (self.controls, self.residuals):
+        for state in (self.controls, self.residuals, self.workers):
             if state is not None:
                 state.zero_()  # the warm-up round is not part of the run
 
@@ -245,9 +292,15 @@ class ClientPool(Checkpointed):
         c = None if self.controls is None else (
             torch.zeros_like(params) if control is None else torch.as_tensor(np.array(control)))
         correction = None if c is None else c[None, :] - self.controls[local]
-        out, counts = t.local_training(params, client_ids, round_idx, correction=correction,
+        origin = params if self.workers is None else self.workers.start(
+            local, params, round_idx, self.spec.streaming)
+        out, counts = t.local_training(origin, client_ids, round_idx, correction=correction,
                                        budgets=budgets)
         finite = finite_rows(out.deltas)
+        if self.workers is not None:  # the worker's outer gradient on the round's fragment
+            sent = self.workers.trained(local, params, origin, out.deltas, round_idx,
+                                        self.spec.streaming, finite)
+            out = dataclasses.replace(out, deltas=sent)
         fisher = None if self.fisher is None else self.fisher(
             params + out.deltas, t.x, t.offsets[local.numpy()], counts)
         moved = None if c is None else self._update_controls(local, c, out, finite)

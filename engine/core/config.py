@@ -222,6 +222,18 @@ class CompressionConfig(PluginSection):
     error_feedback: bool = True
 
 
+class StreamingConfig(_Strict):
+    """Streaming DiLoCo's workers (policies/streaming.py): each keeps its own parameters;
+    one of `fragments` slices is synchronised per round, its outer gradient sent with `bits`,
+    and the merged fragment mixed in `tau` rounds later (own <- alpha own + (1 - alpha) global)."""
+
+    fragments: int = Field(2, ge=1, le=10**6)
+    tau: int = Field(0, ge=0, le=10**6, description="rounds between a fragment's outer step "
+                     "and its merge into the workers (the overlap); < fragments")
+    alpha: float = Field(0.0, ge=0, lt=1, description="the merge keeps alpha of the worker's own")
+    bits: Literal[4, 32] = Field(4, description="4: FP4 E3M0 outer gradients; 32: unquantised")
+
+
 class TrainingConfig(_Strict):
     executor: Any = Field("vmap", description="executors (engine/compute/training.py)")
     local_epochs: int = Field(1, ge=1, le=10**6)
@@ -234,6 +246,7 @@ class TrainingConfig(_Strict):
                                         "drawn per client and round in [min, max]")
     scaffold: bool = Field(False, description="SCAFFOLD control variates (federated runs)")
     compression: CompressionConfig = CompressionConfig()
+    streaming: StreamingConfig | None = None  # sync FL: Streaming DiLoCo's workers
 
     @model_validator(mode="after")
     def _budget(self) -> TrainingConfig:
@@ -297,6 +310,13 @@ class FailuresConfig(_Strict):
                                                             "round")
 
 
+class PlatformConfig(PluginSection):
+    """How the server's aggregation is hosted, timed in virtual time (scenarios/platforms.py
+    PLATFORMS: none, always_on, lifl); the numerical sum does not depend on it."""
+
+    kind: str = "none"
+
+
 class ServerConfig(PluginSection):
     """How the server runs: `mode` names a server rule (policies/asynchronous.py SERVER_RULES:
     sync, fedasync, fedbuff, fedfix, fedcompass) with its parameters as the other keys."""
@@ -307,6 +327,7 @@ class ServerConfig(PluginSection):
                              "once (fedcompass: also those waiting for their group)")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) "
                             "reported per round with aggregation dp_gaussian")
+    platform: PlatformConfig = PlatformConfig()  # sync FL: the aggregators' timing model
 
 
 class AttackConfig(PluginSection):
@@ -425,7 +446,7 @@ PLUGIN_SECTIONS: dict[str, type[PluginSection]] = {
     "task": TaskConfig, "task.model": ModelConfig, "partition": PartitionConfig,
     "population.availability": AvailabilityConfig, "training.compression": CompressionConfig,
     "selection": SelectionConfig, "server": ServerConfig, "attack": AttackConfig,
-    "topology": TopologyConfig,
+    "topology": TopologyConfig, "server.platform": PlatformConfig,
 }
 
 

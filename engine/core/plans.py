@@ -28,6 +28,8 @@ class RoundPlan:
     events: Events  # the slot's crashes and churn, then the round's faults
     bytes: int  # the model down to every client it reached, updates up from those that sent
     up_bytes: np.ndarray  # per selected client: bytes it uploaded (compressed; 0 if none)
+    # a modelled aggregation platform: (last kept arrival -> model ready, aggregator-seconds)
+    aggregation: tuple[float, float] | None = None
 
     @property
     def kept(self) -> np.ndarray:

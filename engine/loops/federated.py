@@ -168,6 +168,8 @@ def _round_row(plan: RoundPlan, updates: Updates, byzantine: np.ndarray, rows: C
         client_updates_per_s=[updates.num_clients / max(timing.round_s, 1e-9)],
         virtual_time=[plan.start_s + plan.duration_s], bytes_communicated=[plan.bytes],
         dp_epsilon=[MISSING if setup.privacy is None else setup.privacy(plan.round + 1)],
+        aggregation_latency_s=[MISSING if plan.aggregation is None else plan.aggregation[0]],
+        aggregator_s=[MISSING if plan.aggregation is None else plan.aggregation[1]],
     )
 
 

@@ -8,6 +8,7 @@ loop trains just the clients whose updates the server will use.
     faults  = lost downlink / dropout before / dropout after / lost uplink
     arrival = latency + model / downlink + steps * step_s + update / uplink
     end     = the slowest reporting client, the K-th with over-selection, capped by a deadline
+              (+ the aggregation platform's latency, when one is modelled)
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from engine.core.plans import COMPLETED, RoundPlan
 from engine.core.seeds import SeedTree
 from policies.compression import Compressor
 from policies.selection import Selection
+from policies.streaming import fragment_bytes
 from scenarios.availability import Availability
 from scenarios.devices import Devices
 from scenarios.failures import Liveness, round_faults
 from scenarios.network import Network
+from scenarios.platforms import Platform
 from scenarios.population import FEDERATED_FRACTION, clients_per_round
 
 
@@ -48,7 +51,7 @@ class SyncWorld:
     def __init__(self, cfg: ExperimentConfig, client_sizes: np.ndarray, hp: LocalSGD,
                  model_bytes: int, seeds: SeedTree, availability: Availability,
                  selection: Selection, devices: Devices, liveness: Liveness,
-                 compressor: Compressor) -> None:
+                 compressor: Compressor, platform: Platform | None = None) -> None:
         n = self.num_clients = cfg.population.num_clients
         self.cfg, self.sizes, self.hp, self.seeds = cfg, client_sizes, hp, seeds
         self.k = clients_per_round(cfg.population, FEDERATED_FRACTION)
@@ -57,7 +60,12 @@ class SyncWorld:
         controls = model_bytes if cfg.training.scaffold else 0  # SCAFFOLD's travel along
         self.transfer = model_bytes + controls  # down: the model
         self.upload = upload_bytes(compressor, model_bytes) + controls
+        s = cfg.training.streaming
+        if s is not None:  # Streaming DiLoCo: a fragment up (quantised) and down (float32)
+            self.transfer = fragment_bytes(model_bytes // 4, s.fragments, 32)
+            self.upload = fragment_bytes(model_bytes // 4, s.fragments, s.bits)
         self.anarchic = availability.chooses_steps
+        self.platform = platform if platform is not None and platform.modelled else None
         self.losses = np.full(n, np.inf)  # last reported training loss (power-of-choice)
         self.clock = 0.0
 
@@ -71,10 +79,15 @@ class SyncWorld:
         task = np.where(faults.trains, self.devices.task_time(selected, steps, self.transfer,
                                                               up_bytes), np.nan)
         status, duration, late = self._close(selected, faults, task)
+        timing = None
+        if self.platform is not None:  # the model is ready once the aggregators are done
+            timing = self.platform.timing(task[status == COMPLETED], self.upload, duration)
+            duration += timing.latency_s
         down = int((~faults.lost_downlink).sum()) * self.transfer
         plan = RoundPlan(r, self.clock, selected, status, steps, task, duration,
                          Events.concat([slot_events, faults.events(selected), *late]),
-                         down + int(up_bytes.sum()), up_bytes)
+                         down + int(up_bytes.sum()), up_bytes,
+                         None if timing is None else (timing.latency_s, timing.aggregator_s))
         self.clock += duration
         return plan
 

@@ -41,6 +41,7 @@ from scenarios.availability import Availability
 from scenarios.distributions import Distribution
 from scenarios.mixing import Mixing
 from scenarios.models import ModelSpec
+from scenarios.platforms import Platform
 from scenarios.task import FederatedTask
 
 
@@ -65,18 +66,21 @@ class Plugins:
     aggregation: list[PluginSpec]  # built with the model's layer sizes: build_aggregator
     consensus: Consensus
     protocol: ProtocolSpec
+    platform: Platform  # sync FL: the aggregators' timing model (scenarios/platforms.py)
 
 
 # part -> the config paths that set it (a path covers everything under it; the longest
 # matching path decides, so `selection.deadline_s` is the deadline, not the selection)
 PARTS: dict[str, tuple[str, ...]] = {
     "server": ("server",),
+    "platform": ("server.platform",),
     "aggregation": ("aggregation",),
     "participation": ("population.participation",),
     "selection": ("selection",),
     "deadline": ("selection.deadline_s",),
     "scaffold": ("training.scaffold",),
     "compression": ("training.compression",),
+    "streaming": ("training.streaming",),
     "error_feedback": ("training.compression.error_feedback",),
     "local_steps": ("training.local_epochs", "training.max_local_steps",
                     "training.min_local_steps"),
@@ -197,6 +201,8 @@ def check_settings(cfg: ExperimentConfig, protocol: ProtocolSpec) -> None:
 # why a whole family does without a part
 _GENERIC = {
     "server": "peers have no server",
+    "platform": "peers have no server to host aggregators",
+    "streaming": "Streaming DiLoCo's outer step runs on a server",
     "aggregation": "peers have no server to aggregate; consensus sets how they mix",
     "scaffold": "SCAFFOLD's controls live on a server",
     "topology": "clients talk to a server, not over a graph",

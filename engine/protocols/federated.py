@@ -48,8 +48,12 @@ class Federated:
                  seeds: SeedTree) -> None:
         self.cfg, self.plugins = cfg, plugins
         protocol, rule = plugins.protocol, plugins.server
+        streaming = cfg.training.streaming
         self.aggregator = build_aggregator(plugins.aggregation, cfg.population.num_clients,
-                                           model.supermask_layers(), seeds)
+                                           model.supermask_layers(), seeds,
+                                           None if streaming is None else streaming.fragments)
+        if streaming is not None:
+            _check_streaming(cfg, plugins)
         self.fisher = pools_compute_fisher(plugins.aggregation)
         missing = chain_needs(plugins.aggregation) - protocol.provides
         if missing:
@@ -110,6 +114,21 @@ class Federated:
                                 progress, keeper)
 
 
+def _check_streaming(cfg: ExperimentConfig, plugins: Plugins) -> None:
+    """Streaming DiLoCo's workers send their own quantised fragment: one ConfigError line for
+    what they would not use."""
+    s = cfg.training.streaming
+    if s.tau >= s.fragments:
+        raise ConfigError(f"training.streaming.tau={s.tau}: the overlap must be shorter than "
+                          f"the {s.fragments} rounds between two synchronisations of a fragment")
+    if not plugins.compressor.lossless:
+        raise ConfigError("training.compression: Streaming DiLoCo's workers quantise their "
+                          "fragment themselves (training.streaming.bits); remove it")
+    if cfg.training.scaffold:
+        raise ConfigError("training.scaffold: Streaming DiLoCo's workers keep their own "
+                          "parameters, which SCAFFOLD's controls do not model; remove it")
+
+
 def _accountant(cfg: ExperimentConfig, plugins: Plugins) -> Accountant | None:
     """The privacy accountant when the chain adds a Gaussian mechanism's noise: sampled
     (q = K / N) in synchronous rounds; per client contribution under an asynchronous server."""
@@ -132,7 +151,7 @@ def sync_fl() -> ProtocolSpec:
     return ProtocolSpec(
         "sync", "sync FL", "federated",
         selects=lambda cfg, rule, consensus: _federated(cfg) and not rule.asynchronous,
-        consumes=SERVER_PARTS | {"participation", "deadline"},
+        consumes=SERVER_PARTS | {"participation", "deadline", "platform", "streaming"},
         build=Federated, example={"population": {"participation": {"clients_per_round": 6}},
                                   "server": {"mode": "sync"}},
         provides=frozenset({"losses", "steps", "label_counts", "fisher"}))
@@ -141,6 +160,8 @@ def sync_fl() -> ProtocolSpec:
 ASYNC_WHY = {
     "participation": "server.concurrency sets how many clients train at once",
     "deadline": "an asynchronous server has no round to close",
+    "platform": "the aggregators are timed over a synchronous round's arrivals",
+    "streaming": "Streaming DiLoCo synchronises one fragment per synchronous round",
 }
 
 

@@ -33,7 +33,8 @@ def build_world(cfg: ExperimentConfig, client_sizes, hp, model_bytes: int,
     n, seeds = cfg.population.num_clients, SeedTree(cfg.seed)
     return SyncWorld(cfg, client_sizes, hp, model_bytes, seeds, plugins.availability,
                      plugins.selection, build_devices(plugins.devices, cfg.devices.path, n, seeds),
-                     Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor)
+                     Liveness(cfg.failures, n, seeds, plugins.downtime), plugins.compressor,
+                     plugins.platform)
 
 
 def peer_schedule(cfg: ExperimentConfig) -> np.ndarray:

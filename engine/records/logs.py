@@ -58,6 +58,9 @@ ROUNDS = pa.schema([
     ("bytes_communicated", pa.int64()), ("dp_epsilon", pa.float64()),
     # tasks learnt by acting (test_loss and test_accuracy null): the mean test return
     ("test_return", pa.float64()),
+    # sync FL with a modelled aggregation platform (server.platform): last kept arrival ->
+    # global model ready, and the aggregator instance-seconds held in the round
+    ("aggregation_latency_s", pa.float64()), ("aggregator_s", pa.float64()),
 ])
 CLIENTS = pa.schema([
     ("round", pa.int32()), ("client_id", pa.int64()), ("pool", pa.int32()),
@@ -129,6 +132,8 @@ class RoundRows(NamedTuple):
     bytes_communicated: np.ndarray = np.array([0])  # model bytes sent this round (up + down)
     dp_epsilon: np.ndarray = missing()  # central DP: epsilon spent so far (at delta)
     test_return: np.ndarray = missing()  # a task learnt by acting: mean return, held-out envs
+    aggregation_latency_s: np.ndarray = missing()  # server.platform: last arrival -> model
+    aggregator_s: np.ndarray = missing()  # server.platform: aggregator instance-seconds
 
 
 class ClientRows(NamedTuple):
