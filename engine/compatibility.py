@@ -154,6 +154,7 @@ TRAINING: list[tuple[str, dict[str, Any]]] = [
     ("scaffold", {"training": {"scaffold": True}}),
     ("fedprox", {"training": {"prox_mu": 0.01}}),
     ("momentum", {"training": {"momentum": 0.9}}),
+    ("sam", {"training": {"sam_rho": 0.05}}),
     ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}),
     ("error feedback off", {"training": {"compression": {"kind": "topk",
                                                          "error_feedback": False}}}),

@@ -94,7 +94,7 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
     batch = min(cfg.training.batch_size, int(task.client_sizes.max()))
     t = cfg.training
     hp = LocalSGD(t.local_epochs, batch, t.lr, t.momentum, t.prox_mu, t.max_local_steps,
-                  t.min_local_steps, t.scaffold)
+                  t.min_local_steps, t.scaffold, t.sam_rho)
     world = mode.world(seeds, task, hp, params)
     spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
                     cfg.training.compression.error_feedback, fisher=mode.fisher)

@@ -233,6 +233,8 @@ class TrainingConfig(_Strict):
     min_local_steps: int | None = Field(None, ge=1, le=10**9, description="with max: budget "
                                         "drawn per client and round in [min, max]")
     scaffold: bool = Field(False, description="SCAFFOLD control variates (federated runs)")
+    sam_rho: float = Field(0.0, ge=0, description="SAM radius rho: each local gradient is "
+                           "taken at w + rho g / ||g|| (FedSAM, DFedSAM; 0: plain SGD)")
     compression: CompressionConfig = CompressionConfig()
 
     @model_validator(mode="after")
