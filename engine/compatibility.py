@@ -158,6 +158,10 @@ TRAINING: list[tuple[str, dict[str, Any]]] = [
     ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}),
     ("error feedback off", {"training": {"compression": {"kind": "topk",
                                                          "error_feedback": False}}}),
+    ("scallion", {"training": {"scaffold": True, "compression": {
+        "kind": "qsgd", "controlled": "scallion"}}}),
+    ("scafcom", {"training": {"scaffold": True, "compression": {
+        "kind": "topk", "controlled": "scafcom", "beta": 0.5}}}),
     ("final merge", {"gossip": {"final_merge": True}}),
     ("independent init", {"gossip": {"init": "independent"}}),
 ]

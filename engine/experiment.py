@@ -38,7 +38,7 @@ from engine.records.logs import (
     read_table,
 )
 from engine.records.progress import RoundProgress
-from engine.resolve import build_task, config_yaml, digest, resolve
+from engine.resolve import build_task, config_yaml, controlled_uplink, digest, resolve
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.environments import EnvTask
 from scenarios.models import ModelSpec
@@ -97,7 +97,8 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
                   t.min_local_steps, t.scaffold, t.sam_rho)
     world = mode.world(seeds, task, hp, params)
     spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
-                    cfg.training.compression.error_feedback, fisher=mode.fisher)
+                    cfg.training.compression.error_feedback, fisher=mode.fisher,
+                    uplink=controlled_uplink(cfg, plugins.compressor))
     return _Parts(mode, seeds, adversary, task, world, params, spec)
 
 

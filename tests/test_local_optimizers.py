@@ -95,3 +95,105 @@ def test_dfedsam_gossip_runs_the_same_bits_with_either_layout(tmp_path):
     one = final(0.05, 1)
     assert torch.equal(one, final(0.05, 2))
     assert (one - final(0.0, 1)).abs().max() > 1e-5
+
+
+# ---------------------------------------------------------------- SCALLION / SCAFCOM
+
+def _controlled_pool(compression="none", uplink=None, **params):
+    from engine.compute.pool import ClientPool, PoolSpec
+    from engine.resolve import build_task
+    from policies.compression import COMPRESSORS
+
+    cfg = small_config()
+    task = build_task(cfg)
+    spec = PoolSpec(task.model, LocalSGD(2, 8, 0.1, scaffold=True), EXECUTORS["vmap"], cfg.seed,
+                    COMPRESSORS.make(compression, **params), uplink=uplink)
+    return ClientPool(spec, task.shard(0, 20)), init_params(task.model.build, 0)
+
+
+def _local_drift(pool, params, ids, r, c):
+    """SCAFFOLD option II's change of c_i, recomputed from the pool's own local training:
+    -c + (x - y_i) / (K_i lr)."""
+    local = torch.from_numpy(ids)
+    out, _ = pool.local_training(params, ids, r, correction=c[None, :] - pool.controls[local])
+    return -c[None, :] - out.deltas / (out.steps.float()[:, None] * 0.1)
+
+
+def test_scallion_with_the_identity_compressor_is_scaffold():
+    """alpha = 1 and no compression: the one-vector uplink decodes to SCAFFOLD's delta and
+    moves c_i as option II does (up to float rounding), over two rounds with c != 0."""
+    from engine.core import tree
+    from policies.compression import ControlledUplink
+
+    (plain, params), (scallion, _) = _controlled_pool(), _controlled_pool(
+        uplink=ControlledUplink())
+    ids = np.array([2, 5, 11, 14])
+    c = torch.zeros(params.numel())
+    for r in range(2):
+        a, b = plain.train(params, ids, r, control=c.numpy()), scallion.train(
+            params, ids, r, control=c.numpy())
+        assert torch.allclose(a.updates.deltas, b.updates.deltas, atol=1e-6)
+        assert torch.allclose(plain.controls.rows, scallion.controls.rows, atol=1e-5)
+        total = tree.total(b.control_sums, params.numel())
+        assert torch.allclose(tree.total(a.control_sums, params.numel()), total, atol=1e-5)
+        c = c + total / 20
+    assert c.abs().max() > 1e-3
+
+
+def test_scallion_round_by_hand():
+    """qsgd, alpha = 0.5: d_i = C(g_i - c_i) with the pool's compression keys,
+    c_i += 0.5 d_i, and the server decodes the delta -K_i lr (c + d_i)."""
+    from policies.compression import ControlledUplink, qsgd
+
+    pool, params = _controlled_pool("qsgd", ControlledUplink(alpha=0.5), levels=4)
+    ids = np.array([1, 6, 9])
+    c = 0.01 * torch.randn(params.numel(), generator=torch.Generator().manual_seed(2))
+    drift = _local_drift(pool, params, ids, 3, c)
+    out = pool.train(params, ids, 3, control=c.numpy())
+    d = qsgd(4).compress(drift, pool.seeds.client_keys("compress", 3, ids)).values
+    steps = out.updates.steps.float()[:, None]
+    assert torch.allclose(pool.controls[torch.from_numpy(ids)], 0.5 * d, atol=1e-6)
+    assert torch.allclose(out.updates.deltas, -steps * 0.1 * (c + d), atol=1e-6)
+    assert (d - drift).abs().max() > 1e-3  # the compressor did something
+
+
+def test_scafcom_momentum_and_controls_over_two_rounds():
+    """topk, beta = 0.5: v_i = 0.5 v_i + 0.5 g_i, d_i = C(v_i - c_i), c_i += d_i, with
+    g_i = c_i + (SCAFFOLD's change of c_i); SCAFCOM scales only unbiased compressors."""
+    from policies.compression import ControlledUplink, topk
+
+    pool, params = _controlled_pool("topk", ControlledUplink(1.0, 0.5, contract=True),
+                                    ratio=0.1)
+    ids, rows = np.array([0, 7, 8]), torch.tensor([0, 7, 8])
+    v = torch.zeros(ids.size, params.numel())
+    control = torch.zeros_like(v)
+    c = torch.zeros(params.numel())
+    for r in range(2):
+        g = control + _local_drift(pool, params, ids, r, c)
+        v = 0.5 * v + 0.5 * g
+        d = topk(0.1).compress(v - control, pool.seeds.client_keys("compress", r, ids)).values
+        control = control + d
+        out = pool.train(params, ids, r, control=c.numpy())
+        assert torch.allclose(pool.uplink_momentum[rows], v, atol=1e-6)
+        assert torch.allclose(pool.controls[rows], control, atol=1e-6)
+        steps = out.updates.steps.float()[:, None]
+        assert torch.allclose(out.updates.deltas, -steps * 0.1 * (c + d), atol=1e-6)
+        c = c + 0.01
+
+
+def test_scallion_runs_with_the_same_bits_on_any_layout_and_halves_the_upload(tmp_path):
+    from engine.records.logs import read_table
+
+    def run(pools, **compression):
+        cfg = small_config(rounds=2, experiment=f"c{pools}{len(compression)}",
+                           training={"scaffold": True, "compression": compression})
+        loop = run_experiment(cfg, RuntimeOptions("inline", pools), tmp_path, False).loop
+        up = read_table(tmp_path / cfg.experiment, "clients")["bytes_up"].to_numpy()
+        return loop.params, up.max()
+
+    scallion = dict(kind="qsgd", levels=4, controlled="scallion")
+    one, up = run(1, **scallion)
+    assert torch.equal(one, run(2, **scallion)[0])
+    _, scaffold_up = run(1, kind="qsgd", levels=4)  # qsgd delta + the float32 control
+    params = one.numel()
+    assert scaffold_up - up == 4 * params  # the control's upload is gone

@@ -220,6 +220,12 @@ class CompressionConfig(PluginSection):
 
     kind: str = "none"
     error_feedback: bool = True
+    # SCALLION / SCAFCOM (Huang, Li & Li, 2024): compress SCAFFOLD's single uplink instead
+    controlled: Literal["scallion", "scafcom"] | None = Field(
+        None, description="compress SCAFFOLD's one uplink vector (needs training.scaffold)")
+    alpha: float | None = Field(None, gt=0, le=1, description="SCALLION's step on c_i "
+                                "(unset: 1 / (1 + omega) of the unbiased compressor)")
+    beta: float | None = Field(None, gt=0, le=1, description="SCAFCOM's momentum weight")
 
 
 class TrainingConfig(_Strict):

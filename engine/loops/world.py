@@ -56,7 +56,9 @@ class SyncWorld:
         self.devices, self.liveness = devices, liveness
         controls = model_bytes if cfg.training.scaffold else 0  # SCAFFOLD's travel along
         self.transfer = model_bytes + controls  # down: the model
-        self.upload = upload_bytes(compressor, model_bytes) + controls
+        # SCALLION / SCAFCOM upload one compressed vector, SCAFFOLD's change of c_i, only
+        one_vector = cfg.training.compression.controlled is not None
+        self.upload = upload_bytes(compressor, model_bytes) + (0 if one_vector else controls)
         self.anarchic = availability.chooses_steps
         self.losses = np.full(n, np.inf)  # last reported training loss (power-of-choice)
         self.clock = 0.0

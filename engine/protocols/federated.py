@@ -132,7 +132,7 @@ def sync_fl() -> ProtocolSpec:
     return ProtocolSpec(
         "sync", "sync FL", "federated",
         selects=lambda cfg, rule, consensus: _federated(cfg) and not rule.asynchronous,
-        consumes=SERVER_PARTS | {"participation", "deadline"},
+        consumes=SERVER_PARTS | {"participation", "deadline", "controlled_compression"},
         build=Federated, example={"population": {"participation": {"clients_per_round": 6}},
                                   "server": {"mode": "sync"}},
         provides=frozenset({"losses", "steps", "label_counts", "fisher"}))
@@ -141,6 +141,8 @@ def sync_fl() -> ProtocolSpec:
 ASYNC_WHY = {
     "participation": "server.concurrency sets how many clients train at once",
     "deadline": "an asynchronous server has no round to close",
+    "controlled_compression": "SCALLION and SCAFCOM's server steps c with the round's "
+                              "messages (c += (alpha / N) sum_i d_i), a synchronous round",
 }
 
 
