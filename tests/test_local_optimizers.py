@@ -197,3 +197,27 @@ def test_scallion_runs_with_the_same_bits_on_any_layout_and_halves_the_upload(tm
     _, scaffold_up = run(1, kind="qsgd", levels=4)  # qsgd delta + the float32 control
     params = one.numel()
     assert scaffold_up - up == 4 * params  # the control's upload is gone
+
+
+def test_controlled_compression_refuses_what_it_does_not_use():
+    import pytest
+
+    from engine.core.errors import ConfigError
+    from tests.conftest import ROOT
+
+    def refused(*overrides):
+        from engine.resolve import load
+        with pytest.raises(ConfigError) as err:
+            load(ROOT / "configs" / "papers" / "scallion.yaml", list(overrides))
+        return str(err.value)
+
+    assert "training.scaffold: true" in refused("training.scaffold=false")
+    assert "SCAFCOM" in refused("training.compression.kind=topk")  # biased: not SCALLION's
+    assert "only SCAFCOM" in refused("training.compression.beta=0.5")
+    assert "only SCALLION" in refused("training.compression.controlled=scafcom",
+                                      "training.compression.beta=0.5",
+                                      "training.compression.alpha=0.5")
+    assert "needs training.compression.beta" in refused("training.compression.controlled=scafcom")
+    assert "keeps no residual" in refused("training.compression.error_feedback=false")
+    assert "FedBuff does not use it" in refused("server.mode=fedbuff", "server.buffer=4",
+                                                 "population.participation=null")
