@@ -157,9 +157,14 @@ TRAINING: list[tuple[str, dict[str, Any]]] = [
     ("momentum", {"training": {"momentum": 0.9}}),
     ("streaming diloco", {"training": {"streaming": {"fragments": 2, "tau": 1,
                                                      "alpha": 0.5}}}),
+    ("sam", {"training": {"sam_rho": 0.05}}),
     ("step budget", {"training": {"max_local_steps": 2, "min_local_steps": 1}}),
     ("error feedback off", {"training": {"compression": {"kind": "topk",
                                                          "error_feedback": False}}}),
+    ("scallion", {"training": {"scaffold": True, "compression": {
+        "kind": "qsgd", "controlled": "scallion"}}}),
+    ("scafcom", {"training": {"scaffold": True, "compression": {
+        "kind": "topk", "controlled": "scafcom", "beta": 0.5}}}),
     ("final merge", {"gossip": {"final_merge": True}}),
     ("independent init", {"gossip": {"init": "independent"}}),
 ]

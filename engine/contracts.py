@@ -488,7 +488,8 @@ def check_staleness(factory: Callable, params: dict | None = None,
 def check_executor(factory: Callable, params: dict | None = None,
                    remote: Remote = pickled) -> None:
     """Deltas [C, P], losses and steps [C] that match the loop reference executor to 1e-5
-    on a small MLP, the same bits in any process."""
+    on a small MLP, with plain SGD and with SAM's steps (`sam_rho`), the same bits in any
+    process."""
     executor_class = _built(EXECUTORS, factory, params)
     spec = ModelSpec(MODELS.make("mlp", hidden=[8]), (6,), 3)
     model = spec.build()
@@ -500,7 +501,7 @@ def check_executor(factory: Callable, params: dict | None = None,
     hp = LocalSGD(2, 4, 0.1)
     plan = batch_plan(np.array([1, 2, 3], dtype=np.uint64), offsets, counts, hp)
 
-    def train(cls):
+    def train(cls, hp=hp):
         return cls(model, ParamSpec.of(model))(params_, x, y, plan, hp)
 
     out = train(executor_class)
@@ -509,6 +510,10 @@ def check_executor(factory: Callable, params: dict | None = None,
     torch.testing.assert_close(out.deltas, ref.deltas, atol=1e-5, rtol=1e-5,
                                msg="disagrees with the loop reference")
     _same(out.steps, ref.steps, "steps")
+    sam = LocalSGD(2, 4, 0.1, sam_rho=0.5)
+    torch.testing.assert_close(train(executor_class, sam).deltas,
+                               train(EXECUTORS["loop"], sam).deltas, atol=1e-5, rtol=1e-5,
+                               msg="disagrees with the loop reference under SAM (sam_rho)")
     _same(remote(train, executor_class).deltas, out.deltas, "another process")
 
 

@@ -38,7 +38,7 @@ from engine.records.logs import (
     read_table,
 )
 from engine.records.progress import RoundProgress
-from engine.resolve import build_task, config_yaml, digest, resolve
+from engine.resolve import build_task, config_yaml, controlled_uplink, digest, resolve
 from policies.streaming import Streaming
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.environments import EnvTask
@@ -95,10 +95,11 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
     batch = min(cfg.training.batch_size, int(task.client_sizes.max()))
     t = cfg.training
     hp = LocalSGD(t.local_epochs, batch, t.lr, t.momentum, t.prox_mu, t.max_local_steps,
-                  t.min_local_steps, t.scaffold)
+                  t.min_local_steps, t.scaffold, t.sam_rho)
     world = mode.world(seeds, task, hp, params)
     spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
                     cfg.training.compression.error_feedback, fisher=mode.fisher,
+                    uplink=controlled_uplink(cfg, plugins.compressor),
                     streaming=None if t.streaming is None else Streaming(
                         **t.streaming.model_dump()))
     return _Parts(mode, seeds, adversary, task, world, params, spec)

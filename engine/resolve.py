@@ -24,7 +24,7 @@ from engine.core.seeds import SeedTree
 from engine.protocols import protocol_of
 from engine.protocols.base import Plugins, changed_paths, check_settings
 from policies.asynchronous import SERVER_RULES
-from policies.compression import COMPRESSORS
+from policies.compression import COMPRESSORS, Compressor, ControlledUplink
 from policies.registry import (
     AGGREGATION,
     CONSENSUS,
@@ -95,6 +95,7 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
     consensus = build_consensus(consensus_spec(cfg.consensus), column_stochastic(mixing))
     protocol = protocol_of(cfg, built["server"], consensus)
     check_settings(cfg, protocol)
+    controlled_uplink(cfg, built["training.compression"])
     if acting(built["task"]):
         check_acting(cfg, built, aggregation)
     attack = built["attack"]
@@ -119,6 +120,36 @@ def resolve(cfg: ExperimentConfig) -> Plugins:
     )
 
 
+def controlled_uplink(cfg: ExperimentConfig, compressor: Compressor) -> ControlledUplink | None:
+    """SCALLION or SCAFCOM's message rule from `training.compression` (None: the delta is
+    compressed, with error feedback if set); a setting that the chosen scheme does not use is
+    one ConfigError line."""
+    section, where = cfg.training.compression, "training.compression"
+    scheme = section.controlled
+    for key, user in (("alpha", "scallion"), ("beta", "scafcom")):
+        if getattr(section, key) is not None and scheme != user:
+            raise ConfigError(f"{where}.{key}: only {user.upper()} uses it ({where}.controlled:"
+                              f" {user}); got controlled={scheme}")
+    if scheme is None:
+        return None
+    if not cfg.training.scaffold:
+        raise ConfigError(f"{where}.controlled={scheme}: it compresses SCAFFOLD's uplink; set "
+                          "training.scaffold: true")
+    if not section.error_feedback:
+        raise ConfigError(f"{where}.error_feedback: {scheme.upper()} keeps no residual (c_i "
+                          "is its memory of what was sent); remove it")
+    if scheme == "scafcom":
+        if section.beta is None:
+            raise ConfigError(f"{where}.controlled=scafcom needs {where}.beta (its momentum "
+                              "weight, 0 < beta <= 1)")
+        return ControlledUplink(alpha=1.0, beta=section.beta, contract=True)
+    if not compressor.lossless and compressor.omega is None:
+        raise ConfigError(f"{where}.controlled=scallion: {where}.kind={section.kind} is not an "
+                          "unbiased compressor with a variance bound (qsgd, randomk with "
+                          "unbiased: true); SCAFCOM (controlled: scafcom) takes biased ones")
+    return ControlledUplink(alpha=section.alpha)
+
+
 # what a task learnt by acting (PPO in each client's environment) does without, and why
 _NOT_ACTING = {
     "partition": "every client owns an environment, not a share of a dataset",
@@ -129,6 +160,7 @@ _NOT_ACTING = {
     "training.momentum": "PPO's steps are Adam's",
     "training.prox_mu": "PPO's objective has no proximal term here",
     "training.scaffold": "PPO's steps take no control variate",
+    "training.sam_rho": "PPO's steps are Adam's, not SAM's",
     "training.max_local_steps": "PPO takes epochs x minibatches steps",
     "training.min_local_steps": "PPO takes epochs x minibatches steps",
 }

@@ -224,3 +224,40 @@ def with_error_feedback(compressor: Compressor, x: torch.Tensor, residual: torch
     corrected = x if residual is None else x + residual
     sent = compressor.compress(corrected, keys)
     return sent.values, corrected - sent.values, sent.bytes
+
+
+class ControlledUplink(NamedTuple):
+    """SCALLION and SCAFCOM's client message (Huang, Li & Li, 2024, "Stochastic Controlled
+    Averaging for Federated Learning with Communication Compression", ICLR; arXiv
+    2308.08165). Their SCAFFOLD form uploads one vector: with g_i the client's mean corrected
+    local gradient, SCAFFOLD option II's c_i+ - c_i = g_i - c_i is all the server needs
+    (x += -eta K (c + mean_i of it), c += (1/N) sum_i of it). They compress it:
+      SCALLION (unbiased C):  d_i = C(g_i - c_i),  c_i += alpha d_i;
+      SCAFCOM (biased C):     v_i = (1 - beta) v_i + beta g_i,  d_i = C(v_i - c_i),  c_i += d_i.
+    Both are the one rule below with (alpha, beta) = (alpha, 1) or (1, beta); SCAFCOM scales
+    an unbiased compressor by 1 / (1 + omega) (`contract`, as compressed gossip does) so
+    that it is contractive, which its analysis assumes."""
+
+    alpha: float | None = None  # the step on c_i (SCALLION's alpha; None: 1 / (1 + omega),
+    # the paper's choice for an unbiased compressor, 1 for a lossless one; SCAFCOM: 1)
+    beta: float = 1.0  # the momentum weight on g_i (SCAFCOM's beta; 1: no momentum, SCALLION)
+    contract: bool = False  # scale the message by compressor.contraction(P) (SCAFCOM)
+
+    @property
+    def momentum(self) -> bool:
+        return self.beta < 1
+
+    def message(self, compressor: Compressor, drift: torch.Tensor, control: torch.Tensor,
+                momentum: torch.Tensor | None, keys: np.ndarray):
+        """`drift` [C, P]: g_i - c_i (SCAFFOLD option II's change of c_i); `control`: c_i;
+        `momentum`: v_i when beta < 1. Returns (d_i as the server decodes it, the change of
+        c_i, the new v_i or None, wire bytes [C])."""
+        if momentum is not None:
+            momentum = (1 - self.beta) * momentum + self.beta * (control + drift)
+            drift = momentum - control
+        sent = compressor.compress(drift, keys)
+        values = sent.values
+        if self.contract:
+            values = compressor.contraction(drift.shape[1]) * values
+        alpha = compressor.contraction(drift.shape[1]) if self.alpha is None else self.alpha
+        return values, alpha * values, momentum, sent.bytes

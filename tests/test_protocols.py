@@ -38,6 +38,7 @@ SETTING = {
     "scaffold": "training.scaffold=true",
     "compression": "training.compression.kind=topk",
     "error_feedback": "training.compression.error_feedback=false",
+    "controlled_compression": "training.compression.beta=0.5",
     "local_steps": "training.local_epochs=3",
     "dropouts": "failures.dropout_before=0.1",
     "link_failure": "failures.link_failure=0.1",

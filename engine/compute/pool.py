@@ -31,7 +31,7 @@ from engine.core.params import ParamSpec, flatten_module
 from engine.core.seeds import SeedTree, keyed_permutations
 from engine.core.tree import TreeSums
 from engine.core.updates import Updates
-from policies.compression import Compressor, none, with_error_feedback
+from policies.compression import Compressor, ControlledUplink, none, with_error_feedback
 from policies.streaming import Streaming, fragment_bounds, fragment_of_round, quantized
 from scenarios.environments import EnvShard
 from scenarios.models import ModelSpec
@@ -54,6 +54,7 @@ class PoolSpec:
     error_feedback: bool = True  # keep each client's compression residual
     fisher: bool = False  # clients also return their local model's diagonal Fisher
     streaming: Streaming | None = None  # Streaming DiLoCo: workers keep their parameters
+    uplink: ControlledUplink | None = None  # SCALLION / SCAFCOM: compress SCAFFOLD's uplink
 
 
 @dataclass(frozen=True)
@@ -254,12 +255,16 @@ class ClientPool(Checkpointed):
         self.controls = RowState(n, size) if spec.hp.scaffold else None
         # update compression, with error feedback's residual e_i per client of the shard
         self.compressor = None if spec.compressor.lossless else spec.compressor
-        self.residuals = RowState(n, size) if (
-            self.compressor is not None and spec.error_feedback) else None
+        self.residuals = RowState(n, size) if (self.compressor is not None and spec.error_feedback
+                                               and spec.uplink is None) else None
+        # SCAFCOM's momentum v_i per client (SCALLION and SCAFCOM keep no residual: c_i is
+        # their memory of what was sent)
+        self.uplink_momentum = RowState(n, size) if (
+            spec.uplink is not None and spec.uplink.momentum) else None
         # Streaming DiLoCo: each worker's own parameters, and whether it has trained yet
         self.workers = None if spec.streaming is None else WorkerModels(n, size)
         self._warm_up()
-        for state in (self.controls, self.residuals, self.workers):
+        for state in (self.controls, self.residuals, self.uplink_momentum, self.workers):
             if state is not None:
                 state.zero_()  # the warm-up round is not part of the run
 
@@ -303,11 +308,14 @@ class ClientPool(Checkpointed):
             out = dataclasses.replace(out, deltas=sent)
         fisher = None if self.fisher is None else self.fisher(
             params + out.deltas, t.x, t.offsets[local.numpy()], counts)
-        moved = None if c is None else self._update_controls(local, c, out, finite)
+        if self.spec.uplink is None:
+            moved = None if c is None else self._update_controls(local, c, out, finite)
+            deltas = self._compress(local, out.deltas, client_ids, round_idx, finite)
+        else:
+            deltas, moved = self._controlled_uplink(local, c, out, finite, client_ids, round_idx)
         rows = moved.clone() if control_rows and moved is not None else None
         control_sums = None if moved is None else t.partial_sums(  # merges into `moved`
             moved, torch.from_numpy(np.array(client_ids, dtype=np.int64)))
-        deltas = self._compress(local, out.deltas, client_ids, round_idx, finite)
         finite &= finite_rows(deltas)
         updates = Updates(
             deltas=deltas,
@@ -346,13 +354,42 @@ class ClientPool(Checkpointed):
         self.residuals.put(local, residual, keep=finite & finite_rows(residual))
         return sent
 
+    def _control_drift(self, c: torch.Tensor, out: Trained,
+                       finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SCAFFOLD option II's change of c_i: -c + (x - y_i) / (K_i lr), the client's mean
+        corrected gradient minus c_i (rows of clients without a step, or with a non-finite
+        delta: 0), and the mask of the other rows."""
+        steps = out.steps.to(out.deltas.dtype)[:, None]
+        ok = (steps > 0) & finite[:, None]
+        drift = torch.where(ok, -c[None, :] - out.deltas / (steps.clamp(min=1) * self.spec.hp.lr),
+                            0.0)
+        return drift, ok
+
     def _update_controls(self, local: torch.Tensor, c: torch.Tensor, out: Trained,
                          finite: torch.Tensor) -> torch.Tensor:
         """SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K_i lr), kept in the pool; returns
         the rows c_i+ - c_i (clients without a step, or with a non-finite delta: 0)."""
-        steps = out.steps.to(out.deltas.dtype)[:, None]
-        moved = torch.where((steps > 0) & finite[:, None],
-                            -c[None, :] - out.deltas / (steps.clamp(min=1) * self.spec.hp.lr),
-                            0.0)
+        moved, _ = self._control_drift(c, out, finite)
         self.controls.add(local, moved)
         return moved
+
+    def _controlled_uplink(self, local: torch.Tensor, c: torch.Tensor, out: Trained,
+                           finite: torch.Tensor, client_ids: np.ndarray,
+                           round_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """SCALLION / SCAFCOM (policies/compression.py ControlledUplink): each client sends
+        d_i, the compressed change of its control, instead of its delta; the server decodes
+        the delta as -K_i lr (c + d_i) (it knows c and K_i), which is what this returns with
+        the rows of c_i's change (alpha d_i). A client without a step sends nothing; one with
+        a non-finite delta keeps it (it is dropped) and its c_i and v_i."""
+        drift, ok = self._control_drift(c, out, finite)
+        keys = self.seeds.client_keys("compress", round_idx, client_ids)
+        v = None if self.uplink_momentum is None else self.uplink_momentum[local]
+        sent, moved, v, _ = self.spec.uplink.message(self.spec.compressor, drift,
+                                                     self.controls[local], v, keys)
+        moved = torch.where(ok, moved, 0.0)
+        self.controls.add(local, moved)
+        if v is not None:
+            self.uplink_momentum.put(local, v, keep=ok[:, 0])
+        steps = out.steps.to(out.deltas.dtype)[:, None]
+        deltas = torch.where(ok, -(steps * self.spec.hp.lr) * (c[None, :] + sent), out.deltas)
+        return deltas, moved

@@ -40,6 +40,7 @@ class LocalSGD:
     max_steps: int | None = None  # local-step budget: at most this many SGD steps a round
     min_steps: int | None = None  # with max_steps: a budget drawn in [min, max] per client
     scaffold: bool = False  # SCAFFOLD: pools keep control variates, gradients are corrected
+    sam_rho: float = 0.0  # SAM: each gradient is taken at w + rho g / ||g|| (0: plain SGD)
 
 
 @dataclass(frozen=True)
@@ -142,16 +143,44 @@ class VmapExecutor:
         weights, buf = start.clone(), _buffers(start, hp, momentum)
         loss_sum = torch.zeros(plan.shape[0])
         for t in range(plan.shape[1]):
-            weights.requires_grad_(True)
             xb, yb = _padded_as_zeros(x[rows[:, t]], y[rows[:, t]], mask[:, t])
-            losses = self._losses(weights, xb, yb, mask[:, t].float())
-            (grads,) = torch.autograd.grad(losses.sum(), weights)
+            step_mask = mask[:, t].float()
+
+            def gradient(w, xb=xb, yb=yb, step_mask=step_mask):
+                w = w.detach().requires_grad_(True)
+                losses = self._losses(w, xb, yb, step_mask)
+                (grads,) = torch.autograd.grad(losses.sum(), w)
+                return losses.detach(), grads
+
+            losses, grads = sharpness_aware(gradient, weights, hp.sam_rho)
             if correction is not None:
                 grads = grads + correction
-            weights, buf = _sgd_step(weights.detach(), grads, buf, start, mask[:, t], hp)
-            loss_sum += losses.detach()
+            weights, buf = _sgd_step(weights, grads, buf, start, mask[:, t], hp)
+            loss_sum += losses
         steps = mask.any(dim=2).sum(dim=1)
         return Trained(weights - params, loss_sum / steps.clamp(min=1), steps, buf)
+
+
+SAM_EPS = 1e-12  # added to ||g|| (as in Foret et al.'s and the common PyTorch SAM code)
+
+
+def sharpness_aware(gradient: Callable, weights: torch.Tensor, rho: float):
+    """Sharpness-Aware Minimization's gradient (Foret, Kleiner, Mobahi & Neyshabur, 2021,
+    "Sharpness-Aware Minimization for Efficiently Improving Generalization"), the local
+    optimizer of FedSAM (Qu et al., 2022) and DFedSAM (Shi, Shen, Wang & Tao, 2023, "Improving
+    the Model Consistency of Decentralized Federated Learning"): with g0 = grad f(w) on the
+    step's batch, the step uses g = grad f(w + rho g0 / (||g0|| + eps)) on the same batch.
+    `gradient(w)` returns (losses, gradients) for weights [C, P] (one row per client) or [P];
+    the norm is each client's global L2 norm over all its parameters (not per layer), as in
+    the SAM code DFedSAM builds on. Returns the losses at w (what a step reports) and g; with
+    rho = 0, plain SGD's gradient (one pass). A client with no data at a step has g0 = 0 and
+    is not perturbed. What the step does with g (SCAFFOLD's correction, FedProx, momentum) is
+    the caller's, as SAM's base optimizer applies it to the perturbed gradient."""
+    losses, g0 = gradient(weights)
+    if rho == 0:
+        return losses, g0
+    scale = rho / (torch.linalg.vector_norm(g0, dim=-1, keepdim=True) + SAM_EPS)
+    return losses, gradient(weights + scale * g0)[1]
 
 
 def _sgd_step(weights, grads, buf, start, step_mask, hp: LocalSGD):
@@ -230,20 +259,25 @@ class LoopExecutor:
         return Trained(torch.stack(deltas), torch.tensor(losses), torch.tensor(steps),
                        None if bufs is None else torch.stack(finals))
 
-    def _train_one(self, params, x, y, client_plan, hp: LocalSGD, buf, correction):
+    def _gradient(self, flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor):
+        """The batch loss at the flat weights and its gradient, by plain autograd."""
         model = self._model
-        nn.utils.vector_to_parameters(params.clone(), model.parameters())
+        nn.utils.vector_to_parameters(flat.clone(), model.parameters())
+        model.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss.detach(), nn.utils.parameters_to_vector(p.grad for p in model.parameters())
+
+    def _train_one(self, params, x, y, client_plan, hp: LocalSGD, buf, correction):
+        flat = params.clone()
         loss_sum, n = 0.0, 0
         for batch in client_plan:
             rows = batch[batch >= 0]
             if rows.numel() == 0:
                 continue
-            model.zero_grad()
-            loss = F.cross_entropy(model(x[rows]), y[rows])
-            loss.backward()
+            loss, grad = sharpness_aware(
+                lambda w, rows=rows: self._gradient(w, x[rows], y[rows]), flat, hp.sam_rho)
             with torch.no_grad():
-                grad = nn.utils.parameters_to_vector(p.grad for p in model.parameters())
-                flat = nn.utils.parameters_to_vector(model.parameters())
                 if correction is not None:
                     grad = grad + correction
                 if hp.prox_mu:
@@ -251,10 +285,9 @@ class LoopExecutor:
                 if buf is not None:
                     buf = hp.momentum * buf + (1 - hp.momentum) * grad
                     grad = buf
-                nn.utils.vector_to_parameters(flat - hp.lr * grad, model.parameters())
+                flat = flat - hp.lr * grad
             loss_sum, n = loss_sum + loss.item(), n + 1
-        final = nn.utils.parameters_to_vector(model.parameters()).detach()
-        return final - params, loss_sum / max(n, 1), n, buf
+        return flat - params, loss_sum / max(n, 1), n, buf
 
 
 EXECUTORS: Registry[Callable[..., Trained]] = Registry("executor", {

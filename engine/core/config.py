@@ -220,6 +220,12 @@ class CompressionConfig(PluginSection):
 
     kind: str = "none"
     error_feedback: bool = True
+    # SCALLION / SCAFCOM (Huang, Li & Li, 2024): compress SCAFFOLD's single uplink instead
+    controlled: Literal["scallion", "scafcom"] | None = Field(
+        None, description="compress SCAFFOLD's one uplink vector (needs training.scaffold)")
+    alpha: float | None = Field(None, gt=0, le=1, description="SCALLION's step on c_i "
+                                "(unset: 1 / (1 + omega) of the unbiased compressor)")
+    beta: float | None = Field(None, gt=0, le=1, description="SCAFCOM's momentum weight")
 
 
 class StreamingConfig(_Strict):
@@ -245,6 +251,8 @@ class TrainingConfig(_Strict):
     min_local_steps: int | None = Field(None, ge=1, le=10**9, description="with max: budget "
                                         "drawn per client and round in [min, max]")
     scaffold: bool = Field(False, description="SCAFFOLD control variates (federated runs)")
+    sam_rho: float = Field(0.0, ge=0, description="SAM radius rho: each local gradient is "
+                           "taken at w + rho g / ||g|| (FedSAM, DFedSAM; 0: plain SGD)")
     compression: CompressionConfig = CompressionConfig()
     streaming: StreamingConfig | None = None  # sync FL: Streaming DiLoCo's workers
 

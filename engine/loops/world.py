@@ -59,7 +59,9 @@ class SyncWorld:
         self.devices, self.liveness = devices, liveness
         controls = model_bytes if cfg.training.scaffold else 0  # SCAFFOLD's travel along
         self.transfer = model_bytes + controls  # down: the model
-        self.upload = upload_bytes(compressor, model_bytes) + controls
+        # SCALLION / SCAFCOM upload one compressed vector, SCAFFOLD's change of c_i, only
+        one_vector = cfg.training.compression.controlled is not None
+        self.upload = upload_bytes(compressor, model_bytes) + (0 if one_vector else controls)
         s = cfg.training.streaming
         if s is not None:  # Streaming DiLoCo: a fragment up (quantised) and down (float32)
             self.transfer = fragment_bytes(model_bytes // 4, s.fragments, 32)

@@ -151,7 +151,8 @@ def sync_fl() -> ProtocolSpec:
     return ProtocolSpec(
         "sync", "sync FL", "federated",
         selects=lambda cfg, rule, consensus: _federated(cfg) and not rule.asynchronous,
-        consumes=SERVER_PARTS | {"participation", "deadline", "platform", "streaming"},
+        consumes=SERVER_PARTS | {"participation", "deadline", "platform", "streaming",
+                                 "controlled_compression"},
         build=Federated, example={"population": {"participation": {"clients_per_round": 6}},
                                   "server": {"mode": "sync"}},
         provides=frozenset({"losses", "steps", "label_counts", "fisher"}))
@@ -162,6 +163,8 @@ ASYNC_WHY = {
     "deadline": "an asynchronous server has no round to close",
     "platform": "the aggregators are timed over a synchronous round's arrivals",
     "streaming": "Streaming DiLoCo synchronises one fragment per synchronous round",
+    "controlled_compression": "SCALLION and SCAFCOM's server steps c with the round's "
+                              "messages (c += (alpha / N) sum_i d_i), a synchronous round",
 }
 
 
