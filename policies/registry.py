@@ -13,7 +13,7 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from policies import gossip, optimizers, robust, transforms, weighting
+from policies import gossip, merging, optimizers, robust, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
 from policies.consensus import Consensus
@@ -38,8 +38,9 @@ def _is_consensus(factory: Callable) -> str | None:
     return "is not marked with policies.consensus.consensus_policy"
 
 
-# Stage parameters the engine fills, never the config: the population size, a supermask
-# model's layer sizes, and a seed from the run's seed tree (stream aggregation.<position>).
+# Stage parameters the engine fills, never the config: the population size, the model's
+# parameter tensor sizes, a supermask model's layer sizes, and a seed from the run's seed
+# tree (stream aggregation.<position>).
 AGGREGATION: Registry[Aggregator] = Registry("stage", {
     # reductions
     "weighted_mean": weighted_mean,
@@ -53,6 +54,7 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "flag_aggregator": flag_aggregator,
     "dp_gaussian": dp_gaussian,
     "fisher_merge": weighting.fisher_merge,
+    "model_stock": merging.model_stock,
     # transforms
     "clip_per_client": transforms.clip_per_client,
     "nnm": transforms.nnm,
@@ -75,7 +77,7 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "fedadam": optimizers.fedadam,
     "fedau": fedau,
     "frl": frl,
-}, engine=("num_clients", "supermask_layers", "seed"), check=_is_stage)
+}, engine=("num_clients", "layer_sizes", "supermask_layers", "seed"), check=_is_stage)
 
 CONSENSUS: Registry[Consensus] = Registry("policy", {
     "gossip": gossip.gossip,
@@ -176,15 +178,18 @@ def _check_order(factories: list[Callable]) -> None:
 
 def build_aggregator(specs: Sequence[PluginSpec], num_clients: int | None = None,
                      supermask_layers: tuple[int, ...] | None = None,
-                     seeds: SeedTree | None = None) -> Aggregator:
+                     seeds: SeedTree | None = None,
+                     layer_sizes: tuple[int, ...] | None = None) -> Aggregator:
     """The chain of `specs`, composed. The engine's values fill the stages' parameters of
-    those names: `num_clients` (the population size), `supermask_layers`
+    those names: `num_clients` (the population size), `layer_sizes` (ModelSpec.layer_sizes:
+    each parameter tensor's size), `supermask_layers`
     (ModelSpec.supermask_layers) and `seed`, a stage's own stream of the run's seed tree
     (`aggregation.<name>`, at its position in the chain)."""
     seeds = seeds or SeedTree(0)
     stages = []
     for i, spec in enumerate(specs):
         engine = {"num_clients": num_clients, "supermask_layers": supermask_layers,
+                  "layer_sizes": layer_sizes,
                   "seed": seeds.integer(f"aggregation.{spec.kind}", i)}
         stages.append(AGGREGATION.build(spec, **{k: v for k, v in engine.items()
                                                  if v is not None}))

@@ -49,7 +49,8 @@ class Federated:
         self.cfg, self.plugins = cfg, plugins
         protocol, rule = plugins.protocol, plugins.server
         self.aggregator = build_aggregator(plugins.aggregation, cfg.population.num_clients,
-                                           model.supermask_layers(), seeds)
+                                           model.supermask_layers(), seeds,
+                                           layer_sizes=model.layer_sizes())
         self.fisher = pools_compute_fisher(plugins.aggregation)
         missing = chain_needs(plugins.aggregation) - protocol.provides
         if missing:
