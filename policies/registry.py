@@ -13,7 +13,7 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from policies import gossip, merging, optimizers, robust, transforms, weighting
+from policies import anarchic, gossip, merging, optimizers, robust, transforms, weighting
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
 from policies.consensus import Consensus
@@ -76,6 +76,8 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "fedavgm": optimizers.fedavgm,
     "fedadam": optimizers.fedadam,
     "fedau": fedau,
+    "afa_cd": anarchic.afa_cd,
+    "afa_cs": anarchic.afa_cs,
     "frl": frl,
 }, engine=("num_clients", "layer_sizes", "supermask_layers", "seed"), check=_is_stage)
 
