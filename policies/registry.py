@@ -39,8 +39,8 @@ def _is_consensus(factory: Callable) -> str | None:
 
 
 # Stage parameters the engine fills, never the config: the population size, the model's
-# parameter tensor sizes, a supermask model's layer sizes, and a seed from the run's seed
-# tree (stream aggregation.<position>).
+# parameter tensor sizes, a supermask model's layer sizes, a seed from the run's seed tree
+# (stream aggregation.<position>), and the scorer of the task's validation split.
 AGGREGATION: Registry[Aggregator] = Registry("stage", {
     # reductions
     "weighted_mean": weighted_mean,
@@ -55,6 +55,7 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "dp_gaussian": dp_gaussian,
     "fisher_merge": weighting.fisher_merge,
     "model_stock": merging.model_stock,
+    "greedy_soup": merging.greedy_soup,
     # transforms
     "clip_per_client": transforms.clip_per_client,
     "nnm": transforms.nnm,
@@ -79,7 +80,9 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "afa_cd": anarchic.afa_cd,
     "afa_cs": anarchic.afa_cs,
     "frl": frl,
-}, engine=("num_clients", "layer_sizes", "supermask_layers", "seed"), check=_is_stage)
+    "uniform_soup": merging.uniform_soup,
+}, engine=("num_clients", "layer_sizes", "supermask_layers", "seed",
+                                             "validation"), check=_is_stage)
 
 CONSENSUS: Registry[Consensus] = Registry("policy", {
     "gossip": gossip.gossip,
@@ -174,24 +177,26 @@ def _check_order(factories: list[Callable]) -> None:
             f"then optimizers; got kinds {[f.stage_kind for f in factories]}"
         )
     if any(getattr(f, "sets_global_model", False) for f in factories[:-1]):
-        raise ConfigError("aggregation: a stage that sets the global model itself (frl) must "
-                          "be the last one: no optimizer after it")
+        raise ConfigError("aggregation: a stage that sets the global model itself (frl, "
+                          "greedy_soup) must be the last one: no optimizer after it")
 
 
 def build_aggregator(specs: Sequence[PluginSpec], num_clients: int | None = None,
                      supermask_layers: tuple[int, ...] | None = None,
                      seeds: SeedTree | None = None,
-                     layer_sizes: tuple[int, ...] | None = None) -> Aggregator:
+                     layer_sizes: tuple[int, ...] | None = None,
+                     validation: Callable[[Any], float] | None = None) -> Aggregator:
     """The chain of `specs`, composed. The engine's values fill the stages' parameters of
     those names: `num_clients` (the population size), `layer_sizes` (ModelSpec.layer_sizes:
     each parameter tensor's size), `supermask_layers`
-    (ModelSpec.supermask_layers) and `seed`, a stage's own stream of the run's seed tree
-    (`aggregation.<name>`, at its position in the chain)."""
+    (ModelSpec.supermask_layers), `seed`, a stage's own stream of the run's seed tree
+    (`aggregation.<name>`, at its position in the chain), and `validation` (a model's
+    accuracy on the task's validation split, for stages that need "validation")."""
     seeds = seeds or SeedTree(0)
     stages = []
     for i, spec in enumerate(specs):
         engine = {"num_clients": num_clients, "supermask_layers": supermask_layers,
-                  "layer_sizes": layer_sizes,
+                  "layer_sizes": layer_sizes, "validation": validation,
                   "seed": seeds.integer(f"aggregation.{spec.kind}", i)}
         stages.append(AGGREGATION.build(spec, **{k: v for k, v in engine.items()
                                                  if v is not None}))

@@ -3,11 +3,16 @@ soups: known values against plain float64 loops and constructed cases."""
 
 import math
 
+import numpy as np
+import pytest
 import torch
 
+from engine.core.errors import ConfigError
 from engine.core.updates import Updates
-from policies.merging import model_stock
+from engine.experiment import prepare
+from policies.merging import greedy_members, greedy_soup, model_stock, uniform_soup
 from scenarios.models import ModelSpec, mlp
+from tests.conftest import small_config
 
 
 def updates(deltas, num_samples=None, **columns):
@@ -71,3 +76,47 @@ def test_model_stock_known_ratio_for_two_models():
 def test_layer_sizes_are_the_parameter_tensors_in_flat_order():
     spec = ModelSpec(mlp, (4,), 3)
     assert spec.layer_sizes() == (4 * 64, 64, 64 * 3, 3)
+
+
+def score_by_table(table):
+    """A held-out accuracy read off a table keyed by the model's rounded first coordinate."""
+    return lambda params: table[round(float(params[0]), 4)]
+
+
+def test_greedy_soup_keeps_the_known_subset():
+    # four client models (first coordinate identifies them and their soups); w0 = 0
+    deltas = [[4.0, 1.0], [1.0, 2.0], [2.0, 0.0], [3.0, 5.0]]
+    # by accuracy: 1.0 (0.9), 3.0 (0.7), 4.0 (0.6), 2.0 (0.5). Soups: {1,3} mean 2.0 -> 0.5
+    # is a drop (rejected); {1,4} mean 2.5 -> 0.95 kept; {1,4,2} mean 7/3 -> 0.95 kept (not
+    # a drop); so the soup is clients 1 (1.0), 0 (4.0), 2 (2.0): mean [7/3, 1].
+    table = {1.0: 0.9, 2.0: 0.5, 3.0: 0.7, 4.0: 0.6, 2.5: 0.95, round(7 / 3, 4): 0.95}
+    u = updates(deltas)
+    members = greedy_members(u.deltas, torch.zeros(2), u.client_ids, score_by_table(table))
+    assert sorted(members) == [0, 1, 2] and members[0] == 1
+    agg = greedy_soup(validation=score_by_table(table))
+    step, state = agg.update(u, agg.init(torch.zeros(2)))
+    torch.testing.assert_close(step, torch.tensor([7 / 3, 1.0]))
+    assert torch.equal(state, step)  # the global model it keeps: w0 + step
+
+
+def test_uniform_soup_is_the_plain_average():
+    agg = uniform_soup()
+    step, _ = agg.update(updates([[1.0], [4.0]], [1, 99]), agg.init(torch.zeros(1)))
+    torch.testing.assert_close(step, torch.tensor([2.5]))
+
+
+def test_the_validation_split_is_held_out_of_training_and_refused_unread():
+    base = prepare(small_config()).task.data
+    parts = prepare(small_config(aggregation="greedy_soup",
+                                 task={"validation_fraction": 0.25}))
+    data = parts.task.data
+    assert len(data.y_train) + len(data.y_val) == len(base.y_train)
+    assert abs(len(data.y_val) - 0.25 * len(base.y_train)) <= 20  # per client, rounded
+    assert np.array_equal(data.y_test, base.y_test)  # the test set does not move
+    with pytest.raises(ConfigError, match="task.validation_fraction"):
+        prepare(small_config(aggregation="greedy_soup"))
+    with pytest.raises(ConfigError, match=r"task.validation_fraction: holds out"):
+        prepare(small_config(task={"validation_fraction": 0.25}))
+    with pytest.raises(ConfigError, match="last one"):
+        prepare(small_config(aggregation=["greedy_soup", "server_sgd"],
+                             task={"validation_fraction": 0.25}))
