@@ -98,8 +98,14 @@ def afa_cs(lr: Rate = 1.0,
     over the workers that have reported at least once (`num_clients` rows of memory, filled
     by the engine from the population size). Departure: the paper sums over all M workers,
     every one of which reports before the analysis starts; before a worker's first report we
-    leave it out of the mean instead of counting a zero update. Delta -> G_i as in afa_cd."""
+    leave it out of the mean instead of counting a zero update. Delta -> G_i as in afa_cd.
+    Synchronous rounds only: asynchronous servers key updates by dispatch, not client."""
     if num_clients is None:
         raise ConfigError("afa_cs: num_clients (the population size) is required; "
                           "build_aggregator(specs, num_clients=N) sets it")
     return chain(stateless(per_step_updates), memory_mean(num_clients), server_sgd(lr))
+
+
+afa_cs.synchronous_only = (
+    "AFA-CS keeps each client's latest update by client id, and an asynchronous server's "
+    "updates are keyed by dispatch (a client's stale and fresh updates are other rows)")
