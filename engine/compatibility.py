@@ -103,6 +103,7 @@ PARAMS: dict[tuple[str, str], dict[str, Any]] = {
 # Other sections a plugin needs set with it (a directed graph gossips by push-sum, ...).
 WITH: dict[tuple[str, str], dict[str, Any]] = {
     ("aggregation", "frl"): {"task": {"model": {"supermask": {"keep": 0.5}}}},
+    ("aggregation", "greedy_soup"): {"task": {"validation_fraction": 0.2}},
     ("topology", "exponential"): {"consensus": "push_sum", "gossip": {"mixing": "push_sum"}},
     ("topology", "random_matching"): {"topology": {"dynamic": "redraw",
                                                    "allow_disconnected": True}},

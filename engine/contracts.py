@@ -84,6 +84,12 @@ def _finite(x: torch.Tensor | np.ndarray, what: str) -> None:
 POPULATION = 16
 
 
+def sample_validation(params: torch.Tensor) -> float:
+    """A stand-in for the engine's validation scorer (stages that need "validation"): higher
+    nearer 0.25 in every coordinate."""
+    return -float((params.double() - 0.25).square().sum())
+
+
 def sample_updates(k: int = 7, p: int = 11, seed: int = 0) -> Updates:
     """K clients' updates with every per-client column a pool sends."""
     g = torch.Generator().manual_seed(seed)
@@ -122,7 +128,7 @@ def check_stage(factory: Callable, params: dict | None = None,
     """Shapes, finiteness, determinism, purity, permutation invariance (unless the factory
     is `permutation_invariant=False`), the same bits in a Ray task, and for decomposable
     stages the same bits from partial sums as from every delta."""
-    engine = {"num_clients": POPULATION, "seed": 1234}
+    engine = {"num_clients": POPULATION, "seed": 1234, "validation": sample_validation}
     agg = complete_stage(factory, _built(AGGREGATION, factory, params, engine))
     u = sample_updates()
     before = [None if c is None else c.clone() for c in u.per_client()]

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from engine.backends.runtime import RuntimeOptions
-from engine.compute.evaluation import task_evaluator
+from engine.compute.evaluation import task_evaluator, validation_scorer
 from engine.compute.pool import PoolSpec
 from engine.compute.training import LocalSGD, pin_torch_arithmetic
 from engine.core.checkpoint import write_atomic
@@ -28,7 +29,7 @@ from engine.core.seeds import SeedTree
 from engine.loops.keeper import Keeper, checkpoint_path, read_checkpoint
 from engine.loops.skeleton import LoopResult
 from engine.loops.world import PeerWorld, SyncWorld
-from engine.protocols.base import Runner
+from engine.protocols.base import Plugins, Runner
 from engine.records.logs import (
     RoundRows,
     RunLogger,
@@ -39,6 +40,7 @@ from engine.records.logs import (
 )
 from engine.records.progress import RoundProgress
 from engine.resolve import build_task, config_yaml, controlled_uplink, digest, resolve
+from policies.registry import chain_needs
 from policies.streaming import Streaming
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.environments import EnvTask
@@ -78,6 +80,22 @@ class _Parts:
     spec: PoolSpec
 
 
+def _validation(task: FederatedTask | EnvTask, plugins: Plugins) -> dict[str, Any]:
+    """The validation scorer for a chain that scores models on held-out data (greedy_soup),
+    as the runner's keyword; a split no stage reads, or a stage without one, is refused."""
+    scorer = validation_scorer(task)
+    reads = "validation" in chain_needs(plugins.aggregation)
+    if scorer is not None and not reads:
+        raise ConfigError("task.validation_fraction: holds out samples for a server stage "
+                          "that scores models on them (greedy_soup), and this run's "
+                          "aggregation has none; remove it")
+    if reads and scorer is None:
+        raise ConfigError("aggregation: the chain scores client models on the server's "
+                          "held-out data (greedy_soup); set task.validation_fraction (e.g. "
+                          "0.1) to hold out that share of the training samples")
+    return {"validation": scorer} if reads else {}
+
+
 def prepare(cfg: ExperimentConfig) -> _Parts:
     """Plugins, the protocol's runner, the world and the task: they fail on bad configs
     before Ray starts (sweeps prepare every run before the first one starts)."""
@@ -86,7 +104,8 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
     adversary = build_adversary(plugins.attack, cfg.attack.fraction, cfg.population.num_clients,
                                 seeds.rng("byzantine"))
     task = build_task(cfg, plugins)
-    mode = plugins.protocol.build(cfg, plugins, task.model, seeds)
+    validation = _validation(task, plugins)
+    mode = plugins.protocol.build(cfg, plugins, task.model, seeds, **validation)
     if adversary is not None:
         task = adversary.poison(task)
     params = init_params(task.model.build, seeds.integer("init"))

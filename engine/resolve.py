@@ -155,6 +155,7 @@ _NOT_ACTING = {
     "partition": "every client owns an environment, not a share of a dataset",
     "task.test_fraction": "the model is scored on held-out environments (test_envs)",
     "task.max_test_samples": "the model is scored on held-out environments (test_envs)",
+    "task.validation_fraction": "there are no samples to hold out",
     "gossip.peer_test_samples": "peers are scored on the held-out environments",
     "training.executor": "PPO acts and learns in the clients' environments",
     "training.momentum": "PPO's steps are Adam's",
@@ -178,7 +179,7 @@ def check_acting(cfg: ExperimentConfig, built: dict, aggregation) -> None:
         for prefix, why in _NOT_ACTING.items():
             if path == prefix or path.startswith(prefix + "."):
                 raise ConfigError(f"{path}: {task} does not use it ({why}); remove it")
-    needs = chain_needs(aggregation) & {"label_counts", "fisher"}
+    needs = chain_needs(aggregation) & {"label_counts", "fisher", "validation"}
     if needs:
         raise ConfigError(f"aggregation: {task} has no {' or '.join(sorted(needs))} "
                           "(a stage of the chain reads it from the clients' data)")
@@ -241,4 +242,5 @@ def build_task(cfg: ExperimentConfig, plugins: Plugins | None = None) -> Federat
     plugins = plugins or resolve(cfg)
     return scenario_task(plugins.dataset, plugins.partition, plugins.model,
                          cfg.population.num_clients, SeedTree(cfg.seed), cfg.task.test_fraction,
-                         cfg.task.max_test_samples, cfg.task.model.supermask)
+                         cfg.task.max_test_samples, cfg.task.model.supermask,
+                         cfg.task.validation_fraction)

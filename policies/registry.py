@@ -13,7 +13,17 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
-from policies import gossip, optimizers, peer_ranked, robust, streaming, transforms, weighting
+from policies import (
+    anarchic,
+    gossip,
+    merging,
+    optimizers,
+    peer_ranked,
+    robust,
+    streaming,
+    transforms,
+    weighting,
+)
 from policies.aggregation import fedavg, server_sgd, weighted_mean
 from policies.base import Aggregator, chain
 from policies.consensus import Consensus
@@ -38,8 +48,9 @@ def _is_consensus(factory: Callable) -> str | None:
     return "is not marked with policies.consensus.consensus_policy"
 
 
-# Stage parameters the engine fills, never the config: the population size, a supermask
-# model's layer sizes, and a seed from the run's seed tree (stream aggregation.<position>).
+# Stage parameters the engine fills, never the config: the population size, the model's
+# parameter tensor sizes, a supermask model's layer sizes, a seed from the run's seed tree
+# (stream aggregation.<position>), and the scorer of the task's validation split.
 AGGREGATION: Registry[Aggregator] = Registry("stage", {
     # reductions
     "weighted_mean": weighted_mean,
@@ -53,6 +64,8 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "flag_aggregator": flag_aggregator,
     "dp_gaussian": dp_gaussian,
     "fisher_merge": weighting.fisher_merge,
+    "model_stock": merging.model_stock,
+    "greedy_soup": merging.greedy_soup,
     # transforms
     "clip_per_client": transforms.clip_per_client,
     "nnm": transforms.nnm,
@@ -75,8 +88,12 @@ AGGREGATION: Registry[Aggregator] = Registry("stage", {
     "fedavgm": optimizers.fedavgm,
     "fedadam": optimizers.fedadam,
     "fedau": fedau,
+    "afa_cd": anarchic.afa_cd,
+    "afa_cs": anarchic.afa_cs,
     "frl": frl,
-}, engine=("num_clients", "supermask_layers", "seed", "fragments"), check=_is_stage)
+    "uniform_soup": merging.uniform_soup,
+}, engine=("num_clients", "layer_sizes", "supermask_layers", "seed", "validation", "fragments"),
+    check=_is_stage)
 
 CONSENSUS: Registry[Consensus] = Registry("policy", {
     "gossip": gossip.gossip,
@@ -173,23 +190,27 @@ def _check_order(factories: list[Callable]) -> None:
             f"then optimizers; got kinds {[f.stage_kind for f in factories]}"
         )
     if any(getattr(f, "sets_global_model", False) for f in factories[:-1]):
-        raise ConfigError("aggregation: a stage that sets the global model itself (frl) must "
-                          "be the last one: no optimizer after it")
+        raise ConfigError("aggregation: a stage that sets the global model itself (frl, "
+                          "greedy_soup) must be the last one: no optimizer after it")
 
 
 def build_aggregator(specs: Sequence[PluginSpec], num_clients: int | None = None,
                      supermask_layers: tuple[int, ...] | None = None,
-                     seeds: SeedTree | None = None, fragments: int | None = None
-                     ) -> Aggregator:
+                     seeds: SeedTree | None = None, *,
+                     layer_sizes: tuple[int, ...] | None = None,
+                     validation: Callable[[Any], float] | None = None,
+                     fragments: int | None = None) -> Aggregator:
     """The chain of `specs`, composed. The engine's values fill the stages' parameters of
-    those names: `num_clients` (the population size), `supermask_layers`
-    (ModelSpec.supermask_layers) and `seed`, a stage's own stream of the run's seed tree
-    (`aggregation.<name>`, at its position in the chain), and `fragments` (Streaming DiLoCo's
-    P, training.streaming)."""
+    those names: `num_clients` (the population size), `layer_sizes` (ModelSpec.layer_sizes:
+    each parameter tensor's size), `supermask_layers` (ModelSpec.supermask_layers), `seed`, a
+    stage's own stream of the run's seed tree (`aggregation.<name>`, at its position in the
+    chain), `validation` (a model's accuracy on the task's validation split, for stages that
+    need "validation") and `fragments` (Streaming DiLoCo's P, training.streaming)."""
     seeds = seeds or SeedTree(0)
     stages = []
     for i, spec in enumerate(specs):
         engine = {"num_clients": num_clients, "supermask_layers": supermask_layers,
+                  "layer_sizes": layer_sizes, "validation": validation,
                   "seed": seeds.integer(f"aggregation.{spec.kind}", i), "fragments": fragments}
         stages.append(AGGREGATION.build(spec, **{k: v for k, v in engine.items()
                                                  if v is not None}))

@@ -86,8 +86,12 @@ def mwa(metric: Literal["loss", "steps"] = "loss",
     metric with one penalty factor p, lower training loss or more training steps counting more,
         loss:  w_k = (1 / L_k)^p / sum_m (1 / L_m)^p,    steps: w_k = s_k^p / sum_m s_m^p.
     p = 0 is the uniform average; the paper's runs used p in 0.5-0.8 for loss, 1 for steps.
-    The power form is our reading of the paper's penalty-factor formula (its text was not
-    available to us; the abstract and figure labels are). A client that took no step gets 0."""
+    Not confirmed against the paper's text: a search of the stored copies of arXiv 2504.18580
+    (abstract pages, summaries; no full text or code was found) gives only the abstract's
+    description, "a formula with a penalty factor to adjust weight distribution, requiring only
+    one hyperparameter regardless of the number of checkpoints", which the power form
+    satisfies (one p for any K; p = 0 uniform, larger p sharper); the exact form is still our
+    reading. A client that took no step gets 0."""
 
     def reweight(u: Updates) -> Updates:
         steps = _column(u, "steps", "mwa").double()

@@ -27,6 +27,8 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]  # per-sample shape the model sees; x is stored flat
     owner_train: np.ndarray | None = None
+    x_val: np.ndarray | None = None  # the server's validation split (task.validation_fraction)
+    y_val: np.ndarray | None = None
 
 
 class Samples(NamedTuple):

@@ -107,6 +107,11 @@ class ModelSpec:
         options = {"keep": mask.keep, "by_magnitude": mask.by_magnitude, "generator": weights}
         return partial(SupermaskLinear, **options), partial(SupermaskConv2d, **options)
 
+    def layer_sizes(self) -> tuple[int, ...]:
+        """The size of each parameter tensor (a layer's weight, its bias), in flat-vector
+        order (ParamSpec's): what per-layer aggregation stages (model_stock) split by."""
+        return tuple(p.numel() for p in self.build().parameters())
+
     def supermask_layers(self) -> tuple[int, ...]:
         """The number of edges of each ranked layer, in flat-vector order: a supermask model's
         parameters are exactly its layers' scores. () for a dense model."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from engine.core.config import SupermaskConfig
+from engine.core.errors import ConfigError
 from engine.core.seeds import SeedTree
-from scenarios.datasets import Dataset, load_dataset
+from scenarios.datasets import Dataset, holdout_mask, load_dataset
 from scenarios.environments import Environments, EnvTask
 from scenarios.models import ModelSpec
 from scenarios.partition import partition
@@ -51,12 +52,14 @@ class FederatedTask:
 
 def build_task(dataset: Callable, partitioner: Callable, architecture: Callable,
                num_clients: int, seeds: SeedTree, test_fraction: float,
-               max_test_samples: int, supermask: SupermaskConfig | None = None
-               ) -> FederatedTask | EnvTask:
+               max_test_samples: int, supermask: SupermaskConfig | None = None,
+               validation_fraction: float = 0.0) -> FederatedTask | EnvTask:
     """The data (a DATASETS entry, test set held out), who owns each training sample (a
     PARTITIONS entry) and the model (a MODELS architecture), all from the seed tree. An
     environment entry gives an EnvTask instead: every client's environment, and the policy
-    (the architecture with one output per action and one for the state value)."""
+    (the architecture with one output per action and one for the state value). With
+    `validation_fraction` > 0 that share of the training samples (of each natural client's,
+    if any) is held out for the server (`Dataset.x_val`), drawn from stream "validation"."""
     rng = seeds.rng("data")
     drawn = dataset(num_clients, rng)
     if isinstance(drawn, Environments):
@@ -65,9 +68,22 @@ def build_task(dataset: Callable, partitioner: Callable, architecture: Callable,
         model.build()
         return EnvTask(drawn, model, num_clients)
     data = load_dataset(drawn, num_clients, test_fraction, max_test_samples, rng)
+    if validation_fraction > 0:
+        data = _hold_validation(data, validation_fraction, seeds.rng("validation"))
     owner = partition(data.y_train, num_clients, partitioner, seeds.rng("partition"),
                       data.owner_train)
     model = ModelSpec(architecture, data.input_shape, data.num_classes, supermask,
                       weight_seed=seeds.integer("supermask_weights"))
     model.build()  # fail early on an architecture that does not fit the data
     return FederatedTask(data=data, owner=owner, model=model, num_clients=num_clients)
+
+
+def _hold_validation(data: Dataset, fraction: float, rng) -> Dataset:
+    """`fraction` of the training samples moved to the server's validation split."""
+    held = holdout_mask(len(data.y_train), fraction, data.owner_train, rng)
+    if not held.any():
+        raise ConfigError(f"task.validation_fraction: {fraction} holds out no sample; raise it")
+    owner = data.owner_train
+    return replace(data, x_train=data.x_train[~held], y_train=data.y_train[~held],
+                   x_val=data.x_train[held], y_val=data.y_train[held],
+                   owner_train=None if owner is None else owner[~held])

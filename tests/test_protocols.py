@@ -14,6 +14,7 @@ import torch
 
 from engine import compatibility as compat
 from engine.backends.runtime import RuntimeOptions
+from engine.contracts import sample_validation
 from engine.core.config import apply_override, build_config, parse_override
 from engine.core.errors import ConfigError
 from engine.core.updates import Updates
@@ -151,7 +152,8 @@ def test_mean_of_one_is_exactly_the_stages_that_give_the_mean_of_one_update(name
     weighted mean: the engine's "reduces to fedavg" note rests on it."""
     factory = AGGREGATION[name]
     params = {"f": 0} if name in ("krum", "multi_krum", "bulyan") else {}
-    built = AGGREGATION.make(name, None, {"num_clients": 10, "seed": 1}, **params)
+    built = AGGREGATION.make(name, None, {"num_clients": 10, "seed": 1,
+                                          "validation": sample_validation}, **params)
     if built.min_updates > 1:  # not defined on one update: refused where steps have one
         assert not factory.mean_of_one
         return

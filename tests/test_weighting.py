@@ -84,6 +84,14 @@ def test_mwa_known_values():
     s = updates([[0.0]] * 3, [1, 1, 1], steps=[2, 4, 0])
     assert torch.allclose(weights_of(mwa(metric="steps", penalty=1.0), s),
                           torch.tensor([1 / 3, 2 / 3, 0.0], dtype=torch.float64))
+    # p = 1/2 by hand: (1/1)^.5 = 1, (1/4)^.5 = 1/2, (1/16)^.5 = 1/4 -> [4, 2, 1] / 7
+    h = updates([[0.0]] * 3, [1, 1, 1], losses=[1.0, 4.0, 16.0], steps=[1, 1, 1])
+    assert torch.allclose(weights_of(mwa(penalty=0.5), h),
+                          torch.tensor([4 / 7, 2 / 7, 1 / 7], dtype=torch.float64))
+    # steps with p = 2: [1, 4, 9] / 14
+    q = updates([[0.0]] * 3, [1, 1, 1], steps=[1, 2, 3])
+    assert torch.allclose(weights_of(mwa(metric="steps", penalty=2.0), q),
+                          torch.tensor([1 / 14, 4 / 14, 9 / 14], dtype=torch.float64))
     # a client that took no step counts 0 whatever its (zero) loss
     z = updates([[0.0]] * 2, [1, 1], losses=[0.0, 1.0], steps=[0, 3])
     assert torch.equal(weights_of(mwa(), z), torch.tensor([0.0, 1.0], dtype=torch.float64))

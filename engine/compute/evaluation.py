@@ -44,3 +44,22 @@ def task_evaluator(task: FederatedTask | EnvTask, seed: int,
         return ReturnEvaluator(task.model, task.envs.env, seed)
     x, y = task.data.x_test, task.data.y_test
     return Evaluator(task.model, x if rows is None else x[rows], y if rows is None else y[rows])
+
+
+class ValidationAccuracy:
+    """A model's accuracy on the task's validation split (`task.validation_fraction`): what
+    a stage that scores models on the server's held-out data (greedy_soup) calls."""
+
+    def __init__(self, model: ModelSpec, x_val: np.ndarray, y_val: np.ndarray) -> None:
+        self.evaluator = Evaluator(model, x_val, y_val)
+
+    def __call__(self, params: torch.Tensor) -> float:
+        return self.evaluator(params)[1]
+
+
+def validation_scorer(task: FederatedTask | EnvTask) -> ValidationAccuracy | None:
+    """The scorer of a task's validation split; None when it has none."""
+    data = getattr(task, "data", None)
+    if data is None or data.x_val is None:
+        return None
+    return ValidationAccuracy(task.model, data.x_val, data.y_val)

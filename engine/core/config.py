@@ -169,6 +169,9 @@ class TaskConfig(PluginSection):
     model: ModelConfig = ModelConfig()
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_test_samples: int = Field(10_000, ge=1, le=10**9)
+    # a share of each client's training samples kept at the server as a validation split,
+    # for stages that score models on held-out data (greedy_soup); 0: none
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class PartitionConfig(PluginSection):

@@ -5,6 +5,7 @@ updates."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,17 +46,22 @@ class Federated:
     aggregation chain over the clients' updates."""
 
     def __init__(self, cfg: ExperimentConfig, plugins: Plugins, model: ModelSpec,
-                 seeds: SeedTree) -> None:
+                 seeds: SeedTree, validation: Callable[[torch.Tensor], float] | None = None
+                 ) -> None:
         self.cfg, self.plugins = cfg, plugins
         protocol, rule = plugins.protocol, plugins.server
         streaming = cfg.training.streaming
         self.aggregator = build_aggregator(plugins.aggregation, cfg.population.num_clients,
                                            model.supermask_layers(), seeds,
-                                           None if streaming is None else streaming.fragments)
+                                           fragments=None if streaming is None else
+                                           streaming.fragments,
+                                           layer_sizes=model.layer_sizes(),
+                                           validation=validation)
         if streaming is not None:
             _check_streaming(cfg, plugins)
         self.fisher = pools_compute_fisher(plugins.aggregation)
-        missing = chain_needs(plugins.aggregation) - protocol.provides
+        # the validation scorer is the task's (engine/experiment.py), not an update column
+        missing = chain_needs(plugins.aggregation) - protocol.provides - {"validation"}
         if missing:
             raise ConfigError(f"aggregation with {protocol.label}: the chain reads "
                               f"{', '.join(sorted(missing))} from the updates, which "
