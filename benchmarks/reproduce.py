@@ -30,30 +30,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.analysis.summary import filter_runs, load_runs, metric_values, parse_filter  # noqa: E402
+from engine.records.logs import read_table  # noqa: E402
 
 
 class Check(NamedTuple):
-    """The claim's direction: `metric` of the `method` runs is better (`higher` or `lower`)
-    than that of the `baseline` runs; each side is a `key=value` filter of the sweep's runs."""
+    """The claim's direction: `metric` of the `method` runs is better (`higher`, `lower`, or
+    `similar`: within 0.03) than that of the `baseline` runs. Each side is `key=value` filters
+    of the sweep's runs joined by " & "; a metric is a summary column (`analyze`'s), or
+    `mean:COLUMN` / `max:COLUMN` of a rounds column over each run's rounds."""
 
     metric: str
-    better: str  # "higher" | "lower"
+    better: str  # "higher" | "lower" | "similar"
     method: str
     baseline: str
 
 
 class Entry(NamedTuple):
-    name: str  # configs/papers/<name>.yaml, docs/figures/<name>/
+    name: str  # docs/figures/<name>/; the sweep is configs/papers/<file or name>.yaml
     paper: str
     claim: str
     checks: tuple[Check, ...]
     plot: str = "accuracy:round"  # analyze --plot (or "heatmap:K1,K2")
     quick: tuple[str, ...] = ("rounds=20",)  # overrides for --quick
     target: float | None = None  # analyze --target, for rounds/vtime_to_target
+    file: str | None = None
 
     @property
     def sweep(self) -> Path:
-        return ROOT / "configs" / "papers" / f"{self.name}.yaml"
+        return ROOT / "configs" / "papers" / f"{self.file or self.name}.yaml"
 
 
 def _higher(metric: str, method: str, baseline: str) -> Check:
@@ -64,7 +68,16 @@ def _lower(metric: str, method: str, baseline: str) -> Check:
     return Check(metric, "lower", method, baseline)
 
 
+def _similar(metric: str, method: str, baseline: str) -> Check:
+    return Check(metric, "similar", method, baseline)
+
+
+SIMILAR = 0.03
+
+
 ACC = "final_accuracy"
+LIFL, ALWAYS_ON = "server.platform.kind=lifl", "server.platform.kind=always_on"
+SLOW, FAST = (f"server.platform.lifl.aggregate_bps={bps}" for bps in (2000000.0, 20000000.0))
 ENTRIES: tuple[Entry, ...] = (
     Entry("flag", "Almasi et al., 2024, Flag Aggregator",
           "Flag significantly enhances robustness to Byzantine workers",
@@ -113,6 +126,60 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("ranking", "Colombo et al., 2022, What are the best systems?",
           "rank aggregation (Borda, Kemeny) and the mean can crown different systems",
           (), plot="heatmap:attack.kind,aggregation", quick=("rounds=10",)),
+    Entry("single_merging", "Zhu et al., 2025, A Single Merging Suffices (schedule)",
+          "concentrating the communication budget late, then merging, improves generalization",
+          (_higher(ACC, "gossip.schedule.kind=increasing", "gossip.schedule.kind=uniform"),
+           _higher(ACC, "gossip.schedule.kind=late", "gossip.schedule.kind=uniform")),
+          quick=("rounds=20", "gossip.schedule.budget=10"), file="single_merging_sweep"),
+    Entry("fortytwo", "Larin et al., 2025, Fortytwo",
+          "peer-ranked, reputation-weighted consensus filters malicious participants",
+          (_higher(ACC, "consensus=peer_ranked", "consensus=gossip"),),
+          quick=("rounds=10",), file="fortytwo_sweep"),
+    Entry("bristle", "Verbraeken, de Vos & Pouwelse, 2022, Bristle",
+          "resilient to Byzantine peers under non-i.i.d. classes",
+          (_higher(ACC, "consensus=bristle", "consensus=gossip"),),
+          quick=("rounds=10",), file="bristle_sweep"),
+    Entry("dfedsam", "Shi et al., 2023, DFedSAM",
+          "SAM local steps improve decentralized FL; multiple gossip steps more so",
+          (_higher(ACC, "training.sam_rho=0.05 & gossip.steps=1",
+                   "training.sam_rho=0.0 & gossip.steps=1"),
+           _higher(ACC, "training.sam_rho=0.05 & gossip.steps=4",
+                   "training.sam_rho=0.0 & gossip.steps=4")),
+          file="dfedsam_sweep"),
+    Entry("scallion", "Huang, Li & Li, 2024, SCALLION",
+          "controlled averaging with unbiased compression beats compressed FedAvg",
+          (_higher(ACC, "method=scallion", "scaffold=false & compressor=qsgd"),),
+          file="scallion_sweep"),
+    Entry("scafcom", "Huang, Li & Li, 2024, SCAFCOM",
+          "controlled averaging with biased compression beats compressed FedAvg",
+          (_higher(ACC, "method=scafcom & beta=0.6", "scaffold=false"),),
+          file="scafcom_sweep"),
+    Entry("model_stock", "Jang, Yun & Han, 2024, Model Stock",
+          "layer-wise interpolation towards the anchor beats the plain average",
+          (_higher(ACC, "aggregation=model_stock", "aggregation=uniform_soup"),),
+          file="model_stock_sweep"),
+    Entry("model_soups", "Wortsman et al., 2022, Model soups",
+          "the greedy soup beats the uniform soup",
+          (_higher(ACC, "aggregation=greedy_soup", "aggregation=uniform_soup"),),
+          file="model_soups_sweep"),
+    Entry("afa", "Yang et al., 2022, Anarchic Federated Learning",
+          "AFA-CD/AFA-CS converge under anarchic participation",
+          (_higher(ACC, "aggregation={afa_cd: {lr: 10.0}}", "aggregation=fedavg"),
+           _higher(ACC, "aggregation={afa_cs: {lr: 10.0}}", "aggregation=fedavg")),
+          file="afa_sweep"),
+    Entry("lifl", "Qi et al., 2024, LIFL",
+          "hierarchical serverless aggregation is faster and uses fewer resources",
+          (_lower("mean:aggregation_latency_s", f"{LIFL} & {SLOW}", f"{ALWAYS_ON} & {SLOW}"),
+           _lower("mean:aggregator_s", f"{LIFL} & {SLOW}", f"{ALWAYS_ON} & {SLOW}"),
+           _lower("mean:aggregator_s", f"{LIFL} & {FAST}", f"{ALWAYS_ON} & {FAST}")),
+          plot="aggregation_latency_s:round", quick=("rounds=5",), file="lifl_sweep"),
+    Entry("streaming_diloco", "Douillard et al., 2025, Streaming DiLoCo",
+          "similar quality to DiLoCo with a much lower peak bandwidth",
+          (_lower("max:bytes_communicated", "training.streaming={fragments: 4, tau: 1, "
+                  "alpha: 0.5, bits: 4}", "training.streaming=null"),
+           _similar(ACC, "training.streaming={fragments: 4, tau: 1, alpha: 0.5, bits: 4}",
+                    "training.streaming=null")),
+          quick=(), file="streaming_diloco_sweep"),
 )
 
 
@@ -143,9 +210,30 @@ def _experiment(entry: Entry) -> str:
     return entry.name
 
 
-def _mean(runs, side: str, metric: str) -> float | None:
-    chosen = filter_runs(runs, [parse_filter(side)])
-    values = metric_values(chosen.summary, metric) if chosen.summary.num_rows else np.array([])
+def sides(side: str) -> list:
+    """`key=value & key=value` -> the filters."""
+    return [parse_filter(part.strip()) for part in side.split(" & ")]
+
+
+def _per_run(exp_dir: Path, metric: str, run_ids: list[str]) -> np.ndarray:
+    """`mean:COLUMN` / `max:COLUMN` of the rounds table, one value per run."""
+    how, _, column = metric.partition(":")
+    rounds = read_table(exp_dir, "rounds")
+    ids = np.array(rounds["run_id"].to_pylist())
+    values = rounds[column].to_numpy(zero_copy_only=False).astype(float)
+    out = []
+    for run in run_ids:
+        mine = values[(ids == run) & np.isfinite(values)]
+        out.append(getattr(mine, how)() if mine.size else np.nan)
+    return np.array(out)
+
+
+def _mean(runs, exp_dir: Path, side: str, metric: str) -> float | None:
+    chosen = filter_runs(runs, sides(side))
+    if ":" in metric:
+        values = _per_run(exp_dir, metric, chosen.summary["run_id"].to_pylist())
+    else:
+        values = metric_values(chosen.summary, metric)
     values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else None
 
@@ -154,9 +242,11 @@ def judge(entry: Entry, exp_dir: Path) -> list[Outcome]:
     runs = load_runs(exp_dir, entry.target if entry.target is not None else 0.8)
     out = []
     for c in entry.checks:
-        a, b = _mean(runs, c.method, c.metric), _mean(runs, c.baseline, c.metric)
-        held = None if a is None or b is None else (a > b if c.better == "higher" else a < b)
-        sign = ">" if c.better == "higher" else "<"
+        a, b = _mean(runs, exp_dir, c.method, c.metric), _mean(runs, exp_dir, c.baseline,
+                                                               c.metric)
+        held = None if a is None or b is None else {
+            "higher": a > b, "lower": a < b, "similar": abs(a - b) <= SIMILAR}[c.better]
+        sign = {"higher": ">", "lower": "<", "similar": "~"}[c.better]
         out.append(Outcome(entry.name, f"{c.metric}: {c.method} {sign} {c.baseline}", a, b,
                            held))
     if not entry.checks:  # the ranking entry: do the mean and rank aggregation disagree?
