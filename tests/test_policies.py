@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.contracts import complete_stage
+from engine.contracts import complete_stage, sample_validation
 from engine.core.errors import ConfigError
 from engine.core.updates import Updates
 from policies.aggregation import fedavg, server_sgd, weighted_mean
@@ -49,7 +49,8 @@ def test_zero_total_weight_gives_zero_step():
 def complete(name: str) -> Aggregator:
     """Any registered stage as a full aggregator (Updates -> step) with default parameters."""
     return complete_stage(AGGREGATION[name], AGGREGATION.make(
-        name, "aggregation[0]", {"num_clients": POPULATION, "seed": 3}))
+        name, "aggregation[0]", {"num_clients": POPULATION, "seed": 3,
+                                 "validation": sample_validation}))
 
 
 POPULATION = 16  # more than the sample's client ids 0..6
