@@ -51,6 +51,7 @@ class Entry(NamedTuple):
     claim: str
     checks: tuple[Check, ...]
     plot: str = "accuracy:round"  # analyze --plot (or "heatmap:K1,K2")
+    group_by: str | None = None  # the plot's curves (default: every swept column)
     quick: tuple[str, ...] = ("rounds=20",)  # overrides for --quick
     target: float | None = None  # analyze --target, for rounds/vtime_to_target
     file: str | None = None
@@ -76,8 +77,8 @@ SIMILAR = 0.03
 
 
 ACC = "final_accuracy"
-LIFL, ALWAYS_ON = "server.platform.kind=lifl", "server.platform.kind=always_on"
-SLOW, FAST = (f"server.platform.lifl.aggregate_bps={bps}" for bps in (2000000.0, 20000000.0))
+LIFL, ALWAYS_ON = "platform=lifl", "platform=always_on"
+SLOW, FAST = (f"bps={bps}" for bps in (2000000.0, 20000000.0))
 ENTRIES: tuple[Entry, ...] = (
     Entry("flag", "Almasi et al., 2024, Flag Aggregator",
           "Flag significantly enhances robustness to Byzantine workers",
@@ -130,7 +131,8 @@ ENTRIES: tuple[Entry, ...] = (
           "concentrating the communication budget late, then merging, improves generalization",
           (_higher(ACC, "gossip.schedule.kind=increasing", "gossip.schedule.kind=uniform"),
            _higher(ACC, "gossip.schedule.kind=late", "gossip.schedule.kind=uniform")),
-          quick=("rounds=20", "gossip.schedule.budget=10"), file="single_merging_sweep"),
+          group_by="gossip.schedule.kind", quick=("rounds=20", "gossip.schedule.budget=10"),
+          file="single_merging_sweep"),
     Entry("fortytwo", "Larin et al., 2025, Fortytwo",
           "peer-ranked, reputation-weighted consensus filters malicious participants",
           (_higher(ACC, "consensus=peer_ranked", "consensus=gossip"),),
@@ -172,14 +174,16 @@ ENTRIES: tuple[Entry, ...] = (
           (_lower("mean:aggregation_latency_s", f"{LIFL} & {SLOW}", f"{ALWAYS_ON} & {SLOW}"),
            _lower("mean:aggregator_s", f"{LIFL} & {SLOW}", f"{ALWAYS_ON} & {SLOW}"),
            _lower("mean:aggregator_s", f"{LIFL} & {FAST}", f"{ALWAYS_ON} & {FAST}")),
-          plot="aggregation_latency_s:round", quick=("rounds=5",), file="lifl_sweep"),
+          plot="aggregation_latency_s:round", group_by="platform,bps", quick=("rounds=5",),
+          file="lifl_sweep"),
     Entry("streaming_diloco", "Douillard et al., 2025, Streaming DiLoCo",
           "similar quality to DiLoCo with a much lower peak bandwidth",
           (_lower("max:bytes_communicated", "training.streaming={fragments: 4, tau: 1, "
                   "alpha: 0.5, bits: 4}", "training.streaming=null"),
            _similar(ACC, "training.streaming={fragments: 4, tau: 1, alpha: 0.5, bits: 4}",
                     "training.streaming=null")),
-          quick=(), file="streaming_diloco_sweep"),
+          plot="accuracy:virtual_time", group_by="aggregation", quick=(),
+          file="streaming_diloco_sweep"),
 )
 
 
@@ -267,6 +271,7 @@ def judge(entry: Entry, exp_dir: Path) -> list[Outcome]:
 def draw(entry: Entry, exp_dir: Path, figures: Path) -> None:
     kind, _, spec = entry.plot.partition(":")
     flag = ["--heatmap", spec] if kind == "heatmap" else ["--plot", entry.plot]
+    flag += ["--group-by", entry.group_by] if entry.group_by else []
     subprocess.run([sys.executable, str(ROOT / "run.py"), "analyze", str(exp_dir), *flag,
                     "--out", str(figures / entry.name)], cwd=ROOT, check=True,
                    capture_output=True)
@@ -283,6 +288,7 @@ def main() -> int:
     p.add_argument("--backend", choices=["ray", "inline"], default="inline")
     p.add_argument("--log-dir", help="keep the logs here (default: a temporary folder)")
     p.add_argument("--figures", help="redraw each entry's figure under this folder")
+    p.add_argument("--markdown", help="also write the outcome table to this file (Markdown)")
     args = p.parse_args()
     names = {e.name for e in ENTRIES}
     only = set(args.only.split(",")) if args.only else names
@@ -308,6 +314,10 @@ def main() -> int:
                 print(f"{o.entry:<20} {verdict:<15} {_fmt(o.method):>8} {_fmt(o.baseline):>8}"
                       f"  {o.check}  ({seconds:.0f} s)", flush=True)
     held = sum(r[4] == "reproduced" for r in rows)
+    if args.markdown:
+        lines = ["| entry | claim checked | method | baseline | outcome |", "| --- " * 5 + "|"]
+        lines += [f"| {e} | `{c}` | {a} | {b} | {v} |" for e, c, a, b, v in rows]
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
     print(f"\n{held} of {len(rows)} claims reproduced"
           f"{' (quick sizes)' if args.quick else ''}; {failed} sweeps failed")
     return 1 if failed else 0

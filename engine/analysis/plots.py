@@ -115,6 +115,7 @@ def _round_stats(rounds: pa.Table, spec: PlotSpec, group_of: dict[str, int]) -> 
 
 
 _STYLES = ("-", "--", ":", "-.")
+LONG_LABEL = 40  # characters: longer curve labels go in a legend under the axes
 
 
 def draw_curves(found: Sequence[Curve], spec: PlotSpec) -> Figure:
@@ -132,7 +133,10 @@ def draw_curves(found: Sequence[Curve], spec: PlotSpec) -> Figure:
     ax.set_xlabel(spec.x_column)
     ax.set_ylabel(spec.metric_column)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if max((len(c.label) for c in found), default=0) > LONG_LABEL:  # would cover the axes
+        fig.legend(loc="outside lower center", fontsize="small")
+    else:
+        ax.legend(fontsize="small")
     return fig
 
 
