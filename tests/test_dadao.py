@@ -75,10 +75,10 @@ def quadratic(n=4, p=3, seed=0):
 
 def test_update_functions_equal_a_numpy_simulation_and_converge():
     """4 nodes on a ring, f_i = a_i / 2 |x - b_i|^2 (mu = min a, L = max a), Poisson clocks
-    (rate 1 per node, the paper's uniform edge rates) over 150 units: the pure functions give
-    the numpy simulation's state to 1e-9, and every x_i is within 1e-3 of the minimiser of
+    (rate 1 per node, the paper's uniform edge rates) over 100 units: the pure functions give
+    the numpy simulation's state to 1e-9, and every x_i is within 1e-2 of the minimiser of
     sum f_i (from 1 at the start)."""
-    n, units = 4, 150.0
+    n, units = 4, 100.0
     curv, target, star = quadratic(n)
     edges = undirected_edges(topology.ring(n))
     clocks = dadao_clocks(edges, n)
@@ -112,4 +112,79 @@ def test_update_functions_equal_a_numpy_simulation_and_converge():
             state[[i]] = D.gradient_jump(state[[i]], g, c)
     advance(range(n), [units] * n)
     np.testing.assert_allclose(state.numpy(), want, rtol=1e-9, atol=1e-9)
-    assert np.abs(want[:, 0] - star).max() < 1e-3 * np.abs(star).max()
+    assert np.abs(want[:, 0] - star).max() < 1e-2 * np.abs(star).max()
+
+
+def softmax_gradient(x, y, w, classes):
+    """The mean cross-entropy gradient of a linear model (weight [C, F] then bias [C], as
+    torch's Linear flattens) on (x, y), in float64."""
+    f = x.shape[1]
+    weight, bias = w[: classes * f].reshape(classes, f), w[classes * f:]
+    logits = x @ weight.T + bias
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(y.size), y] -= 1.0
+    return np.concatenate([(p.T @ x).ravel(), p.sum(axis=0)]) / y.size
+
+
+def dadao_pools(num_pools: int):
+    from engine.backends.runtime import RuntimeOptions, make_pools
+    from engine.compute.evaluation import task_evaluator
+    from engine.compute.peers import PeerPool, PeerSpec
+    from engine.compute.pool import PoolSpec
+    from engine.compute.training import EXECUTORS, LocalSGD
+    from engine.core.params import init_params
+    from engine.resolve import build_task
+    from policies.registry import CONSENSUS, build_consensus
+    from tests.conftest import small_config
+
+    cfg = small_config(mode="decentralized", population={"num_clients": 8},
+                       task={"model": {"kind": "logistic"}})
+    task = build_task(cfg)
+    params = init_params(task.model.build, 0)
+    spec = PoolSpec(task.model, LocalSGD(1, 10_000, 0.05), EXECUTORS["vmap"], cfg.seed)
+    policy = build_consensus(CONSENSUS.spec({"dadao": {"mu": 0.05, "L": 2.0}}, "consensus"),
+                             False)
+    peers = PeerSpec(policy, "shared", np.zeros(0, dtype=np.int64), None,
+                     task_evaluator(task, cfg.seed, np.arange(20)), 1.0, 8)
+    pools = make_pools(task, spec, RuntimeOptions("inline", num_pools), PeerPool,
+                       (peers, params.numpy()))
+    return pools, task, params.numpy()
+
+
+def test_peer_pools_run_dadao_as_the_numpy_simulation_on_any_layout():
+    """8 peers on a ring, a linear softmax model on digits with full-batch gradients (batch
+    larger than any shard), 2 units of Poisson events run by the pools (levels, cross-pool
+    messages, the ODE to each unit's end): 1 pool and 3 pools give the same bits, and the
+    models equal the float64 numpy simulation to float32 accuracy."""
+    from engine.compute.peers import PeerPool
+    from engine.loops.async_gossip import async_unit
+
+    n, units = 8, 2
+    edges = undirected_edges(topology.ring(n))
+    clocks = dadao_clocks(edges, n)
+    unit_events = [poisson_events(edges, n, clocks.edge_rate, 1.0, float(r), float(r + 1),
+                                  np.random.default_rng(10 + r)) for r in range(units)]
+    results = []
+    for num_pools in (1, 3):
+        pools, task, x0 = dadao_pools(num_pools)
+        for r, ev in enumerate(unit_events):
+            async_unit(pools, ev, None, clocks, float(r + 1))
+        results.append(np.concatenate(pools.get(pools.map(PeerPool.all_models,
+                                                          [()] * pools.num_pools))))
+    np.testing.assert_array_equal(results[0], results[1])
+
+    shards = [task.shard(i, i + 1) for i in range(n)]
+    classes = task.model.num_classes
+
+    def grad(i, w):
+        s = shards[i]
+        return softmax_gradient(s.x.reshape(s.y.size, -1).astype(np.float64),
+                                s.y.astype(np.int64), w, classes)
+
+    events = [e for ev in unit_events for e in zip(ev.time.tolist(), ev.kind.tolist(),
+                                                    ev.a.tolist(), ev.b.tolist(), strict=True)]
+    want = numpy_dadao(np.tile(x0.astype(np.float64), (n, 1)), events, grad, 0.05, 2.0,
+                       clocks.chi1_star, float(units))[:, 0]
+    assert np.abs(want - x0).max() > 1e-3  # the models moved
+    np.testing.assert_allclose(results[0], want, rtol=1e-4, atol=1e-5)
