@@ -188,3 +188,33 @@ def test_peer_pools_run_dadao_as_the_numpy_simulation_on_any_layout():
                        clocks.chi1_star, float(units))[:, 0]
     assert np.abs(want - x0).max() > 1e-3  # the models moved
     np.testing.assert_allclose(results[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_refuse_unused_settings_and_agree_across_layouts(tmp_path):
+    """A run with consensus=dadao refuses what DADAO would not use (sync gossip, a fixed edge
+    rate, a learning rate), and its result is the same bits on 1 and 2 pools."""
+    import pytest
+
+    from engine.backends.runtime import RuntimeOptions
+    from engine.core.errors import ConfigError
+    from engine.experiment import run_experiment
+    from tests.conftest import small_config
+
+    def cfg(**extra):
+        base = {"mode": "decentralized", "rounds": 2, "eval_every": 0,
+                "population": {"num_clients": 8}, "topology": {"kind": "ring"},
+                "task": {"model": {"kind": "logistic"}}, "training": {"lr": 0.05},
+                "consensus": {"dadao": {"mu": 0.05, "L": 2.0}},
+                "gossip": {"mode": "async", "eval_peers": 2}}
+        return small_config(**{**base, **extra})
+
+    for bad, word in ((dict(gossip={"mode": "sync"}), "gossip.mode"),
+                      (dict(gossip={"mode": "async", "asynchronous": {"edge_rate": 2.0}}),
+                       "edge_rate"),
+                      (dict(training={"lr": 0.1}), "training.lr")):
+        with pytest.raises(ConfigError, match=word):
+            run_experiment(cfg(**bad), RuntimeOptions("inline", 1), tmp_path, False)
+    one, two = (run_experiment(cfg(), RuntimeOptions("inline", k), tmp_path, False)
+                .loop.params.numpy() for k in (1, 2))
+    np.testing.assert_array_equal(one, two)
+    assert np.isfinite(one).all()
