@@ -208,7 +208,7 @@ class PeerPool(Checkpointed):
         self._finish_cross(imported)
         if times is not None:
             self._dadao_level(steps, pairs, cross, times)
-            return (int(steps.size), *self._exports(exports))
+            return (int(steps.size), *self._exports(exports, accelerated=True))
         if steps.size:
             self._one_step(steps)
         if pairs.size:
@@ -367,13 +367,15 @@ class PeerPool(Checkpointed):
                                         dim=1) ** 2
         return PeerScores(peer_ids, loss, accuracy, dist.numpy(), returns)
 
-    def _exports(self, wanted: list[np.ndarray], publish: bool = True) -> list[Export]:
+    def _exports(self, wanted: list[np.ndarray], publish: bool = True,
+                 accelerated: bool = False) -> list[Export]:
         """The rows each pool reads next: the models, or with compressed gossip the public
-        copies, after this step's compressed difference is published (`publish`)."""
+        copies, after this step's compressed difference is published (`publish`), or in
+        DADAO's asynchronous levels (`accelerated`) its messages y + z."""
         if self.public is not None and publish:
             self._publish()
         rows = self.state.numer if self.public is None else self.public.rows
-        if self.dadao is not None:  # DADAO's message: y + z
+        if accelerated:  # DADAO's message: y + z
             rows = dadao.message(self.dadao)
         out = []
         for ids in wanted:
