@@ -12,7 +12,7 @@ whole graph at once, so results do not depend on how peers are laid out over poo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -54,6 +54,9 @@ class Consensus(NamedTuple):
     # per-peer state: init_state(num_peers) -> the first row [S] (float64) of every peer;
     # `update` then reads `Neighbourhood.state` and returns (models, mass, new state rows)
     init_state: Callable[[int], torch.Tensor] | None = None
+    # DADAO (policies/dadao.py): the asynchronous protocol runs its accelerated dynamics
+    # (ODE between events, gradient and communication jumps) instead of `update`
+    accelerated: Any = None
 
 
 def consensus_policy(mean_preserving: bool, needs_column_stochastic: bool = False):

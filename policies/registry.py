@@ -15,6 +15,7 @@ from engine.core.plugins import PluginSpec, Registry
 from engine.core.seeds import SeedTree
 from policies import (
     anarchic,
+    dadao,
     gossip,
     merging,
     optimizers,
@@ -104,6 +105,7 @@ CONSENSUS: Registry[Consensus] = Registry("policy", {
     "modest": gossip.modest,
     "peer_ranked": peer_ranked.peer_ranked,
     "bristle": peer_ranked.bristle,
+    "dadao": dadao.dadao,
 }, check=_is_consensus)
 
 

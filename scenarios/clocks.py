@@ -122,3 +122,43 @@ def conflict_free_levels(events: Events, num_peers: int) -> np.ndarray:
         if b >= 0:
             last[b] = lv
     return level
+
+
+@dataclass(frozen=True)
+class DadaoClocks:
+    """DADAO's communication clocks for a graph (Nabli & Oyallon, 2023; the paper's uniform
+    rates, not its SDP): with L_u the Laplacian weighted by the uniform edge probabilities
+    1 / |E|, chi_1 = 1 / its smallest positive eigenvalue and chi_2 = its largest effective
+    resistance over the edges, (1/2)(e_i - e_j)^T L_u^+ (e_i - e_j). Every edge fires at
+    `edge_rate` = sqrt(2 chi_1 chi_2) / |E| (a total of sqrt(2 chi_1 chi_2) exchanges per unit
+    of time), so the rate-weighted Laplacian Lambda = sqrt(2 chi_1 chi_2) L_u has
+    chi_1* chi_2* = 1/2, the paper's condition; `chi1_star` = chi_1 / sqrt(2 chi_1 chi_2)."""
+
+    chi1: float
+    chi2: float
+    edge_rate: float
+    chi1_star: float
+
+
+def dadao_clocks(edges: np.ndarray, num_peers: int) -> DadaoClocks:
+    """DADAO's clocks over the undirected `edges` ([m, 2]) of `num_peers` nodes. A peer with
+    no edge (offline) is left out; on a disconnected graph chi_1 is the smallest positive
+    eigenvalue's over all components (the slowest one's)."""
+    m = edges.shape[0]
+    if m == 0:
+        return DadaoClocks(0.0, 0.0, 0.0, 0.0)
+    nodes = np.unique(edges)
+    at = np.searchsorted(nodes, edges)
+    k = nodes.size
+    lap = np.zeros((k, k))
+    np.add.at(lap, (at[:, 0], at[:, 1]), -1.0)
+    np.add.at(lap, (at[:, 1], at[:, 0]), -1.0)
+    lap[np.arange(k), np.arange(k)] = -lap.sum(axis=1)
+    lap /= m
+    eig = np.linalg.eigvalsh(lap)
+    chi1 = 1.0 / float(eig[eig > 1e-9 * eig[-1]][0])
+    pinv = np.linalg.pinv(lap, hermitian=True)
+    i, j = at[:, 0], at[:, 1]
+    chi2 = float(np.max(0.5 * (pinv[i, i] + pinv[j, j] - 2 * pinv[i, j])))
+    total = float(np.sqrt(2 * chi1 * chi2))
+    return DadaoClocks(chi1, chi2, total / m, chi1 / total)

@@ -23,6 +23,7 @@ from engine.core.neighbourhood import Evidence, Forge, Neighbourhood
 from engine.core.params import init_params
 from engine.core.seeds import splitmix64
 from engine.core.tree import TreeSums
+from policies import dadao
 from policies.consensus import Consensus
 from scenarios.task import Shard
 
@@ -51,6 +52,17 @@ class MixPlan:
     imports: list[np.ndarray]  # per pool q != pool: global ids this pool reads from q
     exports: list[np.ndarray]  # per pool q: own global ids to send to q for the next step
     last: bool = False  # the round's last gossip step (no step follows it)
+
+
+@dataclass(frozen=True)
+class LevelTimes:
+    """DADAO's event times for one asynchronous level (aligned with its steps, local pairs and
+    cross ends) and the rate-weighted Laplacian's chi_1* of the unit's graph."""
+
+    steps: np.ndarray
+    pairs: np.ndarray
+    cross: np.ndarray
+    chi1_star: float
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,12 @@ class PeerPool(Checkpointed):
         self.policy_state = None if init is None else \
             init(peers.num_peers).double().expand(self.client_ids.size, -1).clone()
         self._judged = 0
+        # DADAO (policies/dadao.py): each peer's [x, x~, y, y~, z, z~] (float64) and the time
+        # of its last event; x is also the model (float32) the pool trains and evaluates
+        self.accelerated = peers.consensus.accelerated
+        self.dadao = None if self.accelerated is None else dadao.initial_state(self.state.numer)
+        self.clock = np.zeros(self.client_ids.size)
+        self._chi1_star = 0.0
         self.trainer.local_training(torch.from_numpy(np.array(params)), self.client_ids[:32],
                                     0)  # warm-up, discarded
 
@@ -181,12 +199,16 @@ class PeerPool(Checkpointed):
     # (engine/loops/async_gossip.py).
 
     def async_level(self, steps: np.ndarray, pairs: np.ndarray, cross: np.ndarray,
-                    exports: list[np.ndarray], *imported: Export):
+                    exports: list[np.ndarray], times: LevelTimes | None, *imported: Export):
         """Finish the previous level's cross-pool exchanges with the `imported` rows, then run
         this level: one local SGD step for each of `steps`, pairwise averaging of `pairs`
         ([k, 2], both ends here), and the own ends of `cross` ([c, 2]: own id, partner id)
-        wait for the partner's row. Returns the number of steps, then one export per pool."""
+        wait for the partner's row. With DADAO (`times`), its gradient and communication
+        events instead. Returns the number of steps, then one export per pool."""
         self._finish_cross(imported)
+        if times is not None:
+            self._dadao_level(steps, pairs, cross, times)
+            return (int(steps.size), *self._exports(exports, accelerated=True))
         if steps.size:
             self._one_step(steps)
         if pairs.size:
@@ -228,10 +250,59 @@ class PeerPool(Checkpointed):
                 self.policy_state[rows] = out[2][rows]
         return out
 
-    def async_flush(self, shift: np.ndarray | None, *imported: Export) -> MixStats:
-        """Finish the last level's exchanges; the block's consensus sums."""
+    def async_flush(self, shift: np.ndarray | None, until: float | None = None,
+                    *imported: Export) -> MixStats:
+        """Finish the last level's exchanges (DADAO: then every peer's ODE runs on to
+        `until`, the unit's end); the block's consensus sums."""
         self._finish_cross(imported)
+        if self.dadao is not None and until is not None:
+            self._advance(np.arange(self.client_ids.size), np.full(self.client_ids.size, until))
         return self._stats(shift, 0.0)
+
+    # DADAO (policies/dadao.py): one call per conflict-free level, as plain gossip
+
+    def _constants(self) -> dadao.Constants:
+        return dadao.constants(self.accelerated, self._chi1_star)
+
+    def _advance(self, local: np.ndarray, t: np.ndarray) -> None:
+        """Run the ODE of the peers at `local` from their last event to the times `t`."""
+        rows = torch.from_numpy(local)
+        elapsed = torch.from_numpy(t - self.clock[local])
+        self.dadao[rows] = dadao.propagate(self.dadao[rows], elapsed, self._constants())
+        self.clock[local] = t
+        self.state.numer[rows] = self.dadao[rows, dadao.X].float()
+
+    def _dadao_level(self, steps: np.ndarray, pairs: np.ndarray, cross: np.ndarray,
+                     times: LevelTimes) -> None:
+        self._chi1_star = times.chi1_star
+        c = self._constants()
+        if steps.size:  # computation events: ODE to t, then the gradient jump
+            local = self.trainer.local(steps).numpy()
+            self._advance(local, times.steps)
+            rows = torch.from_numpy(local)
+            grads = self._gradients(steps, local)
+            self.dadao[rows] = dadao.gradient_jump(self.dadao[rows], grads, c)
+            self.state.numer[rows] = self.dadao[rows, dadao.X].float()
+        if pairs.size:  # communication events with both ends here
+            ends = np.concatenate([self.trainer.local(pairs[:, 0]).numpy(),
+                                   self.trainer.local(pairs[:, 1]).numpy()])
+            k = pairs.shape[0]
+            self._advance(ends, np.concatenate([times.pairs, times.pairs]))
+            rows = torch.from_numpy(ends)
+            sent = dadao.message(self.dadao[rows])
+            received = torch.cat([sent[k:], sent[:k]])
+            self.dadao[rows] = dadao.comm_jump(self.dadao[rows], received, c)
+        if cross.size:  # own ends of cross-pool events: ODE to t; the jump waits for the row
+            self._advance(self.trainer.local(cross[:, 0]).numpy(), times.cross)
+        self._pending = cross
+
+    def _gradients(self, ids: np.ndarray, local: np.ndarray) -> torch.Tensor:
+        """Each peer's k-th gradient is taken on the k-th minibatch of its own stream (the
+        batches plain asynchronous gossip's k-th step uses)."""
+        counters = self._step_counts[local]
+        keys = splitmix64(self.seeds.client_keys("async_step", 0, ids) ^ counters)
+        self._step_counts[local] += np.uint64(1)
+        return self.trainer.gradients(self.models()[torch.from_numpy(local)], ids, keys)
 
     def _one_step(self, ids: np.ndarray) -> None:
         """Each peer's k-th asynchronous step uses the k-th minibatch of its own stream."""
@@ -260,13 +331,20 @@ class PeerPool(Checkpointed):
         models = torch.from_numpy(np.concatenate([e[1] for e in imported]))
         mass = torch.from_numpy(np.concatenate([e[2] for e in imported]))
         at = torch.from_numpy(_positions(ids, pending[:, 1]))
+        if self.dadao is not None:  # DADAO: the partners' y + z (float64), at the same time
+            rows = self.trainer.local(pending[:, 0])
+            self.dadao[rows] = dadao.comm_jump(self.dadao[rows], models[at], self._constants())
+            self._pending = None
+            return
         self.state.average_with(self.trainer.local(pending[:, 0]), models[at], mass[at])
         self._pending = None
 
     def set_models(self, models: np.ndarray) -> None:
         """Every peer takes `models` ([P]: one model for all, e.g. a global merge; or
-        [n_local, P]: one row each); push-sum masses reset to 1."""
+        [n_local, P]: one row each); push-sum masses reset to 1; DADAO's x too."""
         self.state.set_all(torch.from_numpy(np.array(models, dtype=np.float32)))
+        if self.dadao is not None:
+            self.dadao[:, dadao.X] = self.state.numer.double()
 
     def export(self, wanted: list[np.ndarray], publish: bool = True):
         """No work: the rows each pool needs for a gossip step (as train_peers returns them;
@@ -289,12 +367,16 @@ class PeerPool(Checkpointed):
                                         dim=1) ** 2
         return PeerScores(peer_ids, loss, accuracy, dist.numpy(), returns)
 
-    def _exports(self, wanted: list[np.ndarray], publish: bool = True) -> list[Export]:
+    def _exports(self, wanted: list[np.ndarray], publish: bool = True,
+                 accelerated: bool = False) -> list[Export]:
         """The rows each pool reads next: the models, or with compressed gossip the public
-        copies, after this step's compressed difference is published (`publish`)."""
+        copies, after this step's compressed difference is published (`publish`), or in
+        DADAO's asynchronous levels (`accelerated`) its messages y + z."""
         if self.public is not None and publish:
             self._publish()
         rows = self.state.numer if self.public is None else self.public.rows
+        if accelerated:  # DADAO's message: y + z
+            rows = dadao.message(self.dadao)
         out = []
         for ids in wanted:
             local = self.trainer.local(ids)

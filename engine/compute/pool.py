@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from engine.compute.rl import EnvTrainer
 from engine.compute.shards import ShardIds
@@ -22,6 +22,8 @@ from engine.compute.training import (
     DiagonalFisher,
     LocalSGD,
     Trained,
+    _batch_loss,
+    _padded_as_zeros,
     batch_plan,
     pin_torch_arithmetic,
     step_budget,
@@ -132,6 +134,7 @@ class ShardTrainer(ShardIds):
         self.model = spec.model.build()
         self.param_spec = ParamSpec.of(self.model)
         self.executor = spec.executor(self.model, self.param_spec)
+        self._gradient = vmap(grad(_batch_loss(self.model, self.param_spec)))
         # each client's training labels per class, sent with its update (FedDisco's input)
         owner = np.repeat(np.arange(self.client_ids.size), np.diff(self.offsets))
         classes = spec.model.num_classes
@@ -168,6 +171,18 @@ class ShardTrainer(ShardIds):
         return Trained(*(None if parts[0] is None else torch.cat(parts) for parts in zip(
             *((b.deltas, b.losses, b.steps, b.momentum) for b in blocks), strict=True))), counts
 
+
+    def gradients(self, params: torch.Tensor, client_ids: np.ndarray,
+                  keys: np.ndarray) -> torch.Tensor:
+        """[C, P]: each client's minibatch gradient of its loss at its row of `params`, on
+        the first batch of its epoch keyed by `keys` (what one SGD step of
+        `local_training(..., keys=keys, max_steps=1)` would use; no optimizer applied)."""
+        local = np.searchsorted(self.client_ids, client_ids)
+        counts = self.offsets[local + 1] - self.offsets[local]
+        plan = batch_plan(keys, self.offsets[local], counts, self.spec.hp)[:, 0]
+        mask = plan >= 0
+        xb, yb = _padded_as_zeros(self.x[plan.clamp(min=0)], self.y[plan.clamp(min=0)], mask)
+        return self._gradient(params, xb, yb, mask.float())
 
     def evidence(self, client_ids: np.ndarray, key: int, batch: int):
         """(x [n, B, ...], y [n, B], mask [n, B]): up to `batch` of each client's own samples,

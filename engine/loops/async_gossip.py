@@ -21,7 +21,7 @@ from scipy import sparse
 
 from engine.backends.runtime import Pools, pool_of
 from engine.compute.evaluation import Evaluator
-from engine.compute.peers import PeerPool, PeerScores
+from engine.compute.peers import LevelTimes, PeerPool, PeerScores
 from engine.core.events import MESSAGE_LOST
 from engine.core.events import Events as FaultEvents
 from engine.loops.decentralized import (
@@ -45,8 +45,10 @@ from scenarios.clocks import (
     GOSSIP,
     STEP,
     WAKE,
+    DadaoClocks,
     Events,
     conflict_free_levels,
+    dadao_clocks,
     device_rates,
     poisson_events,
     undirected_edges,
@@ -63,11 +65,14 @@ class Rates:
     wake: float = 1.0  # wake-ups per peer per unit of virtual time (non-pairwise policies)
 
 
-def _level_args(events: Events, sel: np.ndarray, bounds: np.ndarray):
-    """Per pool: (steps, local pairs [k, 2], cross ends [c, 2], exports per pool)."""
-    steps = events.a[sel & (events.kind == STEP)]
+def _level_args(events: Events, sel: np.ndarray, bounds: np.ndarray,
+                clocks: DadaoClocks | None = None):
+    """Per pool: (steps, local pairs [k, 2], cross ends [c, 2], exports per pool, DADAO's
+    event times or None)."""
+    is_step = sel & (events.kind == STEP)
+    steps, step_t = events.a[is_step], events.time[is_step]
     gossip = sel & (events.kind == GOSSIP)
-    a, b = events.a[gossip], events.b[gossip]
+    a, b, t = events.a[gossip], events.b[gossip], events.time[gossip]
     pa, pb = pool_of(bounds, a), pool_of(bounds, b)
     n = bounds.size - 1
     out = []
@@ -78,22 +83,30 @@ def _level_args(events: Events, sel: np.ndarray, bounds: np.ndarray):
                                 np.stack([b[out_b], a[out_b]], 1)])
         partner_pool = pool_of(bounds, cross[:, 1])
         exports = [np.sort(cross[partner_pool == q, 0]) for q in range(n)]
-        out.append((np.sort(steps[pool_of(bounds, steps) == p]), np.stack([a[local], b[local]], 1),
-                    cross, exports))
+        here = pool_of(bounds, steps) == p
+        order = np.argsort(steps[here], kind="stable")
+        times = None if clocks is None else LevelTimes(
+            step_t[here][order], t[local], np.concatenate([t[out_a], t[out_b]]),
+            clocks.chi1_star)
+        out.append((steps[here][order], np.stack([a[local], b[local]], 1), cross, exports,
+                    times))
     return out
 
 
-def async_unit(pools: Pools, events: Events, shift: np.ndarray | None):
-    """Run one unit's events on the pools; returns the pools' consensus sums."""
+def async_unit(pools: Pools, events: Events, shift: np.ndarray | None,
+               clocks: DadaoClocks | None = None, until: float | None = None):
+    """Run one unit's events on the pools (DADAO's dynamics with `clocks`, its peers' ODE
+    run on to `until` at the end); returns the pools' consensus sums."""
     levels = conflict_free_levels(events, int(pools.bounds[-1]))
     n, carried, sent = pools.num_pools, None, None
     for level in range(int(levels.max()) + 1 if levels.size else 0):
-        args = _level_args(events, levels == level, pools.bounds)
+        args = _level_args(events, levels == level, pools.bounds, clocks)
         calls = [(*a, *_received(carried, sent, p)) for p, a in enumerate(args)]
         carried = pools.map(PeerPool.async_level, calls, num_returns=1 + n)
         sent = [a[3] for a in args]
-    return pools.get(pools.map(PeerPool.async_flush, [(shift, *_received(carried, sent, p))
-                                                for p in range(n)]))
+    return pools.get(pools.map(PeerPool.async_flush, [(shift, until,
+                                                       *_received(carried, sent, p))
+                                                      for p in range(n)]))
 
 
 def _received(carried, sent, p: int) -> list:
@@ -161,8 +174,9 @@ class AsyncGossipUnits:
 
     def __init__(self, setup: GossipSetup, rates: Rates, pools: Pools, world: PeerWorld,
                  evaluator: Evaluator, logger: RunLogger, pairwise: bool,
-                 compressed: bool = False) -> None:
+                 compressed: bool = False, accelerated: bool = False) -> None:
         self.setup, self.rates, self.pools, self.world = setup, rates, pools, world
+        self.accelerated = accelerated  # DADAO: edge rates from the graph, its dynamics
         self.network, self.pairwise = world.network, pairwise
         self.logger, self.scores = logger, PeerEvaluation(setup, pools, evaluator)
         self.shift: np.ndarray | None = None
@@ -196,14 +210,17 @@ class AsyncGossipUnits:
                                          seeds.rng("link_failure", r))
             edges = undirected_edges(graph)
             stepping = np.arange(n) if peers is None else peers
+            clocks = dadao_clocks(edges, n) if self.accelerated else None
             events = poisson_events(
-                edges, n, self._rates(rates.edge, np.minimum(self.comm[edges[:, 0]],
-                                                             self.comm[edges[:, 1]])),
+                edges, n, self._rates(rates.edge if clocks is None else clocks.edge_rate,
+                                      np.minimum(self.comm[edges[:, 0]],
+                                                 self.comm[edges[:, 1]])),
                 self._rates(rates.step, self.compute[stepping]), float(r), float(r + 1), rng,
                 peers)
             events, lost = _lost_exchanges(events, self.world.failures.message_loss,
                                            seeds.rng("message_loss", r))
-            stats = async_unit(self.pools, events, self.shift)
+            stats = async_unit(self.pools, events, self.shift, clocks,
+                               None if clocks is None else float(r + 1))
             faults = FaultEvents.concat([faults, down, lost])
         else:
             ids = np.flatnonzero(online)
@@ -259,9 +276,9 @@ def _lost_exchanges(events: Events, p: float, rng: np.random.Generator
 def async_gossip_units(setup: GossipSetup, rates: Rates, pools: Pools, world: PeerWorld,
                        evaluator: Evaluator, logger: RunLogger, progress: RoundProgress,
                        pairwise: bool = True, compressed: bool = False,
-                       keeper: Keeper | None = None) -> LoopResult:
+                       keeper: Keeper | None = None, accelerated: bool = False) -> LoopResult:
     loop = AsyncGossipUnits(setup, rates, pools, world, evaluator, logger, pairwise,
-                            compressed)
+                            compressed, accelerated)
     return run_rounds(loop, Schedule(setup.rounds, setup.eval_every, setup.dead_rounds), progress,
                       keeper)
 

@@ -44,6 +44,11 @@ class Peers:
             raise ConfigError("training.compression with consensus=push_sum: CHOCO-SGD's public "
                               "copies average under doubly stochastic weights; push-sum's masses "
                               "are not compressed copies")
+        if self.consensus.accelerated is not None:
+            _dadao_settings(cfg)
+            if not plugins.compressor.lossless:
+                raise ConfigError("training.compression with consensus=dadao: DADAO's pairwise "
+                                  "messages (y + z) have no compressed form; allowed: none")
 
     def world(self, seeds: SeedTree, task: FederatedTask, hp: LocalSGD,
               params: torch.Tensor) -> PeerWorld | SampledWorld:
@@ -54,6 +59,9 @@ class Peers:
         g = self.cfg.gossip
         if self.consensus.evidence and not isinstance(task, FederatedTask):
             raise ConfigError("consensus: this policy judges models on the peers' labelled "
+                              "data; a task learnt by acting has none")
+        if self.consensus.accelerated is not None and not isinstance(task, FederatedTask):
+            raise ConfigError("consensus=dadao: DADAO takes gradients of a loss on labelled "
                               "data; a task learnt by acting has none")
         rows = None
         if isinstance(task, FederatedTask):  # each peer is scored on a sample of the test set
@@ -95,11 +103,16 @@ class AsyncPeers(Peers):
              keeper=None):
         a = self.cfg.gossip.asynchronous
         compressed = not self.plugins.compressor.lossless
-        pairwise = self.consensus.pairwise and not compressed and (
-            adversary is None or adversary.attack.forge is None)
+        forged = adversary is not None and adversary.attack.forge is not None
+        accelerated = self.consensus.accelerated is not None
+        if accelerated and forged:
+            raise ConfigError("attack with consensus=dadao: a forging attack runs wake-ups, and "
+                              "DADAO's pairwise messages (y + z) have no wake-up form")
+        pairwise = self.consensus.pairwise and not compressed and not forged
         return async_gossip_units(self.setup(params, seeds, adversary, world),
                                   Rates(a.edge_rate, a.step_rate, a.wake_rate), pools, world,
-                                  evaluator, logger, progress, pairwise, compressed, keeper)
+                                  evaluator, logger, progress, pairwise, compressed, keeper,
+                                  accelerated)
 
 
 class SampledPeers(Peers):
@@ -113,6 +126,32 @@ class SampledPeers(Peers):
             raise ConfigError("gossip.mode=async with consensus=modest: MoDeST's rounds are "
                               "its protocol (a sample trains, aggregators wait for a share of "
                               "it); it has no Poisson-clock form")
+
+
+def _dadao_settings(cfg: ExperimentConfig) -> None:
+    """DADAO (policies/dadao.py) runs its own dynamics on Poisson clocks: refuse, in one line
+    each, the settings it would not use."""
+    if cfg.gossip.mode != "async":
+        raise ConfigError("consensus=dadao: DADAO is asynchronous (computation and edge Poisson "
+                          "clocks); allowed: gossip.mode=async")
+    a, t = cfg.gossip.asynchronous, cfg.training
+    defaults = {("gossip.asynchronous.edge_rate", a.edge_rate, type(a), "edge_rate"):
+                "DADAO derives its edge rates from the graph (sqrt(2 chi_1 chi_2) / |E|)",
+                ("gossip.asynchronous.step_rate", a.step_rate, type(a), "step_rate"):
+                "DADAO's step sizes assume one computation event per node per unit (rate 1)",
+                ("gossip.asynchronous.wake_rate", a.wake_rate, type(a), "wake_rate"):
+                "DADAO has no wake-ups, only edge clocks",
+                ("training.lr", t.lr, type(t), "lr"):
+                "DADAO's step sizes derive from consensus.dadao.mu and L",
+                ("training.momentum", t.momentum, type(t), "momentum"):
+                "DADAO's own momentum is its ODE; allowed: 0",
+                ("training.prox_mu", t.prox_mu, type(t), "prox_mu"):
+                "DADAO takes plain minibatch gradients; allowed: 0",
+                ("training.sam_rho", t.sam_rho, type(t), "sam_rho"):
+                "DADAO takes plain minibatch gradients; allowed: 0"}
+    for (key, value, model, name), why in defaults.items():
+        if value != model.model_fields[name].default:
+            raise ConfigError(f"{key}={value} with consensus=dadao: {why}; leave it unset")
 
 
 def byzantine_ids(adversary: Adversary | None) -> np.ndarray:
