@@ -77,6 +77,7 @@ SIMILAR = 0.03
 
 
 ACC = "final_accuracy"
+DADAO = "consensus={dadao: {mu: 0.01, L: 6.3}}"
 LIFL, ALWAYS_ON = "platform=lifl", "platform=always_on"
 SLOW, FAST = (f"bps={bps}" for bps in (2000000.0, 20000000.0))
 ENTRIES: tuple[Entry, ...] = (
@@ -184,6 +185,11 @@ ENTRIES: tuple[Entry, ...] = (
                     "training.streaming=null")),
           plot="accuracy:virtual_time", group_by="aggregation", quick=(),
           file="streaming_diloco_sweep"),
+    Entry("dadao", "Nabli & Oyallon, 2023, DADAO",
+          "accelerated in computations and communications over asynchronous gossip",
+          (_lower("consensus_dist", DADAO, "consensus=gossip"),
+           _higher(ACC, DADAO, "consensus=gossip")),
+          group_by="consensus", quick=("rounds=60", "eval_every=20"), file="dadao_sweep"),
 )
 
 

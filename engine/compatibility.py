@@ -48,7 +48,7 @@ TINY: dict[str, Any] = {
     "task": {"dataset": "digits", "model": {"kind": "logistic"}},
     "partition": {"kind": "iid"},
     "population": {"num_clients": 8},
-    "training": {"executor": "vmap", "local_epochs": 1, "batch_size": 64, "lr": 0.1},
+    "training": {"executor": "vmap", "local_epochs": 1, "batch_size": 64},  # lr: the default
 }
 PROTOCOLS: list[ProtocolSpec] = in_matrix()  # the columns, from the protocol registry
 NAMES = tuple(p.label for p in PROTOCOLS)
