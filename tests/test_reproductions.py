@@ -3,6 +3,7 @@ stands, and every claim benchmarks/reproduce.py judges names runs its sweep has.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pyarrow as pa
@@ -25,6 +26,15 @@ def _reproduce():
     return module
 
 
+def _sweep(path):
+    return _loaded(str(path.resolve()))
+
+
+@functools.cache  # each file once: the claims test reads the sweeps the first test loaded
+def _loaded(path: str):
+    return load_sweep(path)
+
+
 def _is_sweep(path) -> bool:
     return any(line.startswith("base:") for line in path.read_text().splitlines())
 
@@ -32,7 +42,7 @@ def _is_sweep(path) -> bool:
 @pytest.mark.parametrize("path", PAPERS, ids=lambda p: p.stem)
 def test_every_paper_config_is_accepted(path):
     if _is_sweep(path):
-        sweep = load_sweep(path)
+        sweep = _sweep(path)
         assert not sweep.refused, sweep.refused[0].refused
         assert len({run.run_id for run in sweep.runs}) == len(sweep.runs) > 1
     else:
@@ -44,7 +54,7 @@ def test_every_claim_compares_runs_of_its_sweep():
     names = [entry.name for entry in reproduce.ENTRIES]
     assert len(names) == len(set(names)) >= 20
     for entry in reproduce.ENTRIES:
-        sweep = load_sweep(entry.sweep)
+        sweep = _sweep(entry.sweep)
         assert entry.checks or entry.name == "ranking"
         # the sweep's runs as analyze sees them: their swept columns, typed as the logs are
         columns = sorted({k for run in sweep.runs for k in run.constants})
