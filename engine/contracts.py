@@ -494,8 +494,8 @@ def check_staleness(factory: Callable, params: dict | None = None,
 def check_executor(factory: Callable, params: dict | None = None,
                    remote: Remote = pickled) -> None:
     """Deltas [C, P], losses and steps [C] that match the loop reference executor to 1e-5
-    on a small MLP, with plain SGD and with SAM's steps (`sam_rho`), the same bits in any
-    process."""
+    on a small MLP, with plain SGD, with SAM's steps (`sam_rho`) and with frozen feature
+    layers (`frozen`: those coordinates stay exactly 0), the same bits in any process."""
     executor_class = _built(EXECUTORS, factory, params)
     spec = ModelSpec(MODELS.make("mlp", hidden=[8]), (6,), 3)
     model = spec.build()
@@ -520,6 +520,12 @@ def check_executor(factory: Callable, params: dict | None = None,
     torch.testing.assert_close(train(executor_class, sam).deltas,
                                train(EXECUTORS["loop"], sam).deltas, atol=1e-5, rtol=1e-5,
                                msg="disagrees with the loop reference under SAM (sam_rho)")
+    features = sum(spec.layer_sizes()[:-2])  # freeze_features: only the output layer trains
+    frozen = train(executor_class, LocalSGD(2, 4, 0.1, sam_rho=0.5, frozen=features)).deltas
+    assert not frozen[:, :features].any(), "moved a frozen feature coordinate (frozen)"
+    torch.testing.assert_close(frozen, train(EXECUTORS["loop"], LocalSGD(
+        2, 4, 0.1, sam_rho=0.5, frozen=features)).deltas, atol=1e-5, rtol=1e-5,
+        msg="disagrees with the loop reference with frozen features")
     _same(remote(train, executor_class).deltas, out.deltas, "another process")
 
 

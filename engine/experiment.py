@@ -114,7 +114,7 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
     batch = min(cfg.training.batch_size, int(task.client_sizes.max()))
     t = cfg.training
     hp = LocalSGD(t.local_epochs, batch, t.lr, t.momentum, t.prox_mu, t.max_local_steps,
-                  t.min_local_steps, t.scaffold, t.sam_rho)
+                  t.min_local_steps, t.scaffold, t.sam_rho, frozen_features(cfg, task.model))
     world = mode.world(seeds, task, hp, params)
     spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
                     cfg.training.compression.error_feedback, fisher=mode.fisher,
@@ -122,6 +122,23 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
                     streaming=None if t.streaming is None else Streaming(
                         **t.streaming.model_dump()))
     return _Parts(mode, seeds, adversary, task, world, params, spec)
+
+
+def frozen_features(cfg: ExperimentConfig, model: ModelSpec) -> int:
+    """How many leading coordinates of the flat model never train: with
+    `training.freeze_features`, every parameter tensor but the last two (the output layer's
+    weight and bias). Refused where there is nothing to freeze or no shared features."""
+    if not cfg.training.freeze_features:
+        return 0
+    sizes = model.layer_sizes()
+    why = ("the model has no feature layers (it is one linear layer)" if len(sizes) <= 2 else
+           "a supermask model trains scores, not weights" if model.supermask is not None else
+           "the peers start from independent models, so there are no shared features"
+           if cfg.mode == "decentralized" and cfg.gossip.init == "independent" else None)
+    if why:
+        raise ConfigError(f"training.freeze_features: {why}; allowed with an MLP or CNN from "
+                          "one shared initial model")
+    return sum(sizes[:-2])
 
 
 def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTIONS,

@@ -162,6 +162,7 @@ _NOT_ACTING = {
     "training.prox_mu": "PPO's objective has no proximal term here",
     "training.scaffold": "PPO's steps take no control variate",
     "training.sam_rho": "PPO's steps are Adam's, not SAM's",
+    "training.freeze_features": "PPO trains the whole actor-critic",
     "training.max_local_steps": "PPO takes epochs x minibatches steps",
     "training.min_local_steps": "PPO takes epochs x minibatches steps",
 }

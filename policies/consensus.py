@@ -57,6 +57,9 @@ class Consensus(NamedTuple):
     # DADAO (policies/dadao.py): the asynchronous protocol runs its accelerated dynamics
     # (ODE between events, gradient and communication jumps) instead of `update`
     accelerated: Any = None
+    # Bristle: only the output layer (the model's last weight and bias) is mixed, so the
+    # feature layers must be frozen and shared (training.freeze_features)
+    output_layer: bool = False
 
 
 def consensus_policy(mean_preserving: bool, needs_column_stochastic: bool = False):

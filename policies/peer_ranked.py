@@ -180,10 +180,14 @@ def bristle(keep: Annotated[int, Field(ge=1)] = 3,
     The peer keeps its own non-output layers (they are frozen and identical, so exchanging
     the output layer only is the same as exchanging the model whose features are shared).
 
-    Departures: the transferred feature extractor is whatever the run's model has below its
-    output layer; with `task.model.kind=logistic` (the shipped config) it is the identity on
-    the raw pixels, so every trained parameter is the output layer (a pre-trained extractor
-    is not part of this simulator, and local SGD here trains every layer of deeper models).
+    The frozen layers: with a model deeper than one layer the run must set
+    `training.freeze_features` (refused otherwise), so local SGD trains only the output layer
+    and every peer keeps the shared initial model's feature layers; with
+    `task.model.kind=logistic` the extractor is the identity on the raw pixels.
+
+    Departures: the "transferred" extractor is the shared random initialisation of the
+    feature layers, not a model pre-trained on other data (none ships here), and the bytes
+    counted per message are the whole model's, not the output layer's.
     The paper's explore-exploit choice of which peers to contact and its thresholds on the
     per-class performance (dropping classes that score below the peer's own) are not
     implemented: every kept model enters with weight proportional to its recall. The
@@ -219,4 +223,4 @@ def bristle(keep: Annotated[int, Field(ge=1)] = 3,
         out[:, ba:bb] = mixed[:, :, hidden]
         return out, nb.mass[nb.own]
 
-    return Consensus(update, evidence=batch)
+    return Consensus(update, evidence=batch, output_layer=True)

@@ -8,7 +8,7 @@ from engine.compute.training import EXECUTORS, LocalSGD, batch_plan
 from engine.core.params import ParamSpec, init_params
 from engine.experiment import run_experiment
 from scenarios.models import MODELS, ModelSpec
-from tests.conftest import small_config
+from tests.conftest import ROOT, small_config
 
 
 def _logistic_gradient(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, classes: int):
@@ -221,3 +221,66 @@ def test_controlled_compression_refuses_what_it_does_not_use():
     assert "keeps no residual" in refused("training.compression.error_feedback=false")
     assert "FedBuff does not use it" in refused("server.mode=fedbuff", "server.buffer=4",
                                                  "population.participation=null")
+
+
+def test_frozen_features_train_only_the_output_layer_as_softmax_regression_on_them():
+    """training.freeze_features: an MLP's hidden layer keeps its initial values and the output
+    layer learns as softmax regression on the fixed hidden features (closed-form gradient,
+    float64), in both executors; SAM perturbs only the output layer too."""
+    spec = ModelSpec(MODELS.make("mlp", hidden=[4]), (5,), 3)
+    model, w0 = spec.build(), init_params(spec.build, 0)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(12, 5)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, 12))
+    features = sum(spec.layer_sizes()[:-2])  # 4 x 5 weights + 4 biases
+    assert features == 24
+    hidden_w, hidden_b = w0[:20].view(4, 5).double(), w0[20:24].double()
+    h = torch.relu(x.double() @ hidden_w.T + hidden_b)
+    offsets, counts = np.array([0, 4]), np.array([4, 8])
+    for rho in (0.0, 0.7):
+        hp = LocalSGD(1, 4, 0.3, sam_rho=rho, frozen=features)
+        plan = batch_plan(np.array([5, 6], dtype=np.uint64), offsets, counts, hp)
+        expected = []
+        for c in range(2):
+            w = w0[features:].double().clone()
+            for batch in plan[c]:
+                rows = batch[batch >= 0]
+                if rows.numel():
+                    g = _logistic_gradient(w, h[rows], y[rows], 3)
+                    if rho:
+                        g = _logistic_gradient(w + rho * g / g.norm(), h[rows], y[rows], 3)
+                    w = w - 0.3 * g
+            expected.append(w - w0[features:].double())
+        expected = torch.stack(expected).float()
+        for name in ("vmap", "loop"):
+            out = EXECUTORS[name](model, ParamSpec.of(model))(w0, x, y, plan, hp)
+            assert torch.equal(out.deltas[:, :features], torch.zeros(2, features)), name
+            assert torch.allclose(out.deltas[:, features:], expected, atol=1e-6), (name, rho)
+
+
+def test_freeze_features_runs_and_is_refused_where_nothing_is_shared(tmp_path):
+    """A run keeps the hidden layer of the initial model bit for bit and trains the output
+    layer; a logistic model (no features) and independently initialised peers are refused,
+    and Bristle (which mixes only the output layer) on an MLP needs it."""
+    import pytest
+
+    from engine.core.errors import ConfigError
+    from engine.experiment import prepare
+    from engine.resolve import load
+
+    cfg = small_config(rounds=2, training={"freeze_features": True})
+    parts = prepare(cfg)
+    hidden = sum(parts.task.model.layer_sizes()[:-2])
+    result = run_experiment(cfg, RuntimeOptions("inline", 2), tmp_path, False)
+    assert torch.equal(result.loop.params[:hidden], parts.params[:hidden])
+    assert not torch.equal(result.loop.params[hidden:], parts.params[hidden:])
+    digits, bristle = ROOT / "configs" / "digits.yaml", ROOT / "configs/papers/bristle.yaml"
+    for path, overrides, why in [
+            (digits, ["training.freeze_features=true", "task.model.kind=logistic"],
+             "no feature layers"),
+            (digits, ["training.freeze_features=true", "mode=decentralized",
+                      "gossip.init=independent"], "independent"),
+            (bristle, ["task.model.kind=mlp"], "set training.freeze_features=true")]:
+        with pytest.raises(ConfigError, match=why):
+            prepare(load(path, overrides))
+    prepare(load(bristle, ["task.model.kind=mlp", "training.freeze_features=true"]))

@@ -41,6 +41,7 @@ class LocalSGD:
     min_steps: int | None = None  # with max_steps: a budget drawn in [min, max] per client
     scaffold: bool = False  # SCAFFOLD: pools keep control variates, gradients are corrected
     sam_rho: float = 0.0  # SAM: each gradient is taken at w + rho g / ||g|| (0: plain SGD)
+    frozen: int = 0  # the first `frozen` coordinates (feature layers) never train (Bristle)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class VmapExecutor:
                 (grads,) = torch.autograd.grad(losses.sum(), w)
                 return losses.detach(), grads
 
-            losses, grads = sharpness_aware(gradient, weights, hp.sam_rho)
+            losses, grads = sharpness_aware(gradient, weights, hp.sam_rho, hp.frozen)
             if correction is not None:
                 grads = grads + correction
             weights, buf = _sgd_step(weights, grads, buf, start, mask[:, t], hp)
@@ -164,7 +165,17 @@ class VmapExecutor:
 SAM_EPS = 1e-12  # added to ||g|| (as in Foret et al.'s and the common PyTorch SAM code)
 
 
-def sharpness_aware(gradient: Callable, weights: torch.Tensor, rho: float):
+def frozen_as_zero(grads: torch.Tensor, frozen: int) -> torch.Tensor:
+    """The gradient with its first `frozen` coordinates (the frozen feature layers of
+    `training.freeze_features`) set to 0, so neither SGD nor SAM's perturbation moves them."""
+    if frozen == 0:
+        return grads
+    out = grads.clone()
+    out[..., :frozen] = 0.0
+    return out
+
+
+def sharpness_aware(gradient: Callable, weights: torch.Tensor, rho: float, frozen: int = 0):
     """Sharpness-Aware Minimization's gradient (Foret, Kleiner, Mobahi & Neyshabur, 2021,
     "Sharpness-Aware Minimization for Efficiently Improving Generalization"), the local
     optimizer of FedSAM (Qu et al., 2022) and DFedSAM (Shi, Shen, Wang & Tao, 2023, "Improving
@@ -175,12 +186,15 @@ def sharpness_aware(gradient: Callable, weights: torch.Tensor, rho: float):
     the SAM code DFedSAM builds on. Returns the losses at w (what a step reports) and g; with
     rho = 0, plain SGD's gradient (one pass). A client with no data at a step has g0 = 0 and
     is not perturbed. What the step does with g (SCAFFOLD's correction, FedProx, momentum) is
-    the caller's, as SAM's base optimizer applies it to the perturbed gradient."""
+    the caller's, as SAM's base optimizer applies it to the perturbed gradient. The first
+    `frozen` coordinates of every gradient are 0 (`frozen_as_zero`); the perturbation then
+    leaves them too."""
     losses, g0 = gradient(weights)
+    g0 = frozen_as_zero(g0, frozen)
     if rho == 0:
         return losses, g0
     scale = rho / (torch.linalg.vector_norm(g0, dim=-1, keepdim=True) + SAM_EPS)
-    return losses, gradient(weights + scale * g0)[1]
+    return losses, frozen_as_zero(gradient(weights + scale * g0)[1], frozen)
 
 
 def _sgd_step(weights, grads, buf, start, step_mask, hp: LocalSGD):
@@ -276,7 +290,8 @@ class LoopExecutor:
             if rows.numel() == 0:
                 continue
             loss, grad = sharpness_aware(
-                lambda w, rows=rows: self._gradient(w, x[rows], y[rows]), flat, hp.sam_rho)
+                lambda w, rows=rows: self._gradient(w, x[rows], y[rows]), flat, hp.sam_rho,
+                hp.frozen)
             with torch.no_grad():
                 if correction is not None:
                     grad = grad + correction

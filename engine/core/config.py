@@ -256,6 +256,9 @@ class TrainingConfig(_Strict):
     scaffold: bool = Field(False, description="SCAFFOLD control variates (federated runs)")
     sam_rho: float = Field(0.0, ge=0, description="SAM radius rho: each local gradient is "
                            "taken at w + rho g / ||g|| (FedSAM, DFedSAM; 0: plain SGD)")
+    freeze_features: bool = Field(False, description="train only the output layer (the "
+                                  "model's last weight and bias); the feature layers keep "
+                                  "the shared initial model's values (Bristle)")
     compression: CompressionConfig = CompressionConfig()
     streaming: StreamingConfig | None = None  # sync FL: Streaming DiLoCo's workers
 

@@ -44,6 +44,11 @@ class Peers:
             raise ConfigError("training.compression with consensus=push_sum: CHOCO-SGD's public "
                               "copies average under doubly stochastic weights; push-sum's masses "
                               "are not compressed copies")
+        if (self.consensus.output_layer and len(model.layer_sizes()) > 2
+                and not cfg.training.freeze_features):
+            raise ConfigError("consensus: this policy mixes only the output layer (Bristle), so "
+                              "the feature layers must stay shared: set "
+                              "training.freeze_features=true (or task.model.kind=logistic)")
         if self.consensus.accelerated is not None:
             _dadao_settings(cfg)
             if not plugins.compressor.lossless:
