@@ -41,6 +41,7 @@ from scenarios.models import MODELS
 from scenarios.partition import PARTITIONS
 from scenarios.platforms import PLATFORMS
 from scenarios.topology import TOPOLOGIES
+from scenarios.user_data import write_examples
 
 # The tiny task every cell runs on: 8 clients (peers) of digits, a logistic model, 2 rounds.
 TINY: dict[str, Any] = {
@@ -111,6 +112,10 @@ WITH: dict[tuple[str, str], dict[str, Any]] = {
     ("consensus", "push_sum"): {"gossip": {"mixing": "push_sum"}},
     ("partition", "natural"): {"task": {"dataset": "synthetic"}},
     ("dataset", "synthetic"): {"partition": {"kind": "natural"}},
+    ("dataset", "parquet"): {"task": {"parquet": {"path": "{files}/clients.parquet"}},
+                             "partition": {"kind": "natural"}},
+    ("dataset", "leaf"): {"task": {"leaf": {"path": "{files}/leaf.json"}},
+                          "partition": {"kind": "natural"}},
     # environments: short rollouts and few test episodes (the matrix runs every cell)
     ("dataset", "cartpole"): {"task": {"cartpole": {"rollout_steps": 32, "test_envs": 2}}},
     ("dataset", "pendulum"): {"task": {"pendulum": {"rollout_steps": 32, "test_envs": 2}}},
@@ -239,13 +244,14 @@ def _filled(value: Any, files: Path) -> Any:
 
 def write_inputs(files: Path) -> Path:
     """The small input files some rows read (an availability trace, an edge list, device
-    profiles), for the 8 clients of TINY."""
+    profiles, the file datasets' clients), for the 8 clients of TINY."""
     files.mkdir(parents=True, exist_ok=True)
     n = TINY["population"]["num_clients"]
     (files / "trace.csv").write_text("client_id,start,end\n" + "".join(
         f"{c},{c % 2},{c % 2 + 3}\n" for c in range(n)))
     (files / "edges.txt").write_text("".join(f"{c} {(c + 1) % n}\n{c} {(c + 3) % n}\n"
                                              for c in range(n)))
+    write_examples(files, n)
     (files / "devices.csv").write_text("client_id,step_s,up_bps,down_bps,latency_s\n" + "".join(
         f"{c},{0.001 * (c + 1)},{1e6},{5e6},{0.01}\n" for c in range(n)))
     return files

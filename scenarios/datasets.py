@@ -1,5 +1,6 @@
-"""Datasets that need no download (registry DATASETS): LEAF-style Synthetic(alpha, beta) and
-scikit-learn's digits. A dataset is a function (num_clients, rng, **parameters) -> Samples;
+"""Datasets that need no download (registry DATASETS): LEAF-style Synthetic(alpha, beta),
+scikit-learn's digits, and users' own files (`parquet`, `leaf`: scenarios/user_data.py).
+A dataset is a function (num_clients, rng, **parameters) -> Samples;
 `load_dataset` holds out the test set."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field
 from engine.core.errors import ConfigError
 from engine.core.plugins import Registry
 from scenarios.environments import Environments, cartpole_clients, pendulum_clients
+from scenarios.user_data import leaf, parquet
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ def holdout_mask(n: int, fraction: float, owner: np.ndarray | None, rng: np.rand
 
 DATASETS: Registry[Callable[..., Samples | Environments]] = Registry("dataset", {
     "digits": digits, "synthetic": synthetic,
+    # users' own federated data, read from files (scenarios/user_data.py)
+    "parquet": parquet, "leaf": leaf,
     # environments: clients learn by acting in them (scenarios/environments.py)
     "cartpole": cartpole_clients, "pendulum": pendulum_clients,
 }, runtime=("num_clients", "rng"))

@@ -116,7 +116,7 @@ def read_columns(path: str, key: str, names: tuple[str, ...]) -> dict[str, np.nd
     try:
         table = readers[file.suffix.lower()](file)
     except (OSError, pa.ArrowException) as err:
-        raise ConfigError(f"{key}: cannot read {path}: {_one_line(err)}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {first_line(err)}") from None
     missing = [name for name in names if name not in table.column_names]
     if missing:
         raise ConfigError(f"{key}: {path} lacks column(s) {', '.join(missing)} "
@@ -129,7 +129,7 @@ def read_columns(path: str, key: str, names: tuple[str, ...]) -> dict[str, np.nd
             for name in names}  # nulls become NaN, caught by the range checks
 
 
-def _one_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 

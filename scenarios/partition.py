@@ -22,11 +22,16 @@ Partitioner = Callable[..., np.ndarray]
 
 def natural(labels: np.ndarray, n: int, rng: np.random.Generator,
             natural_owner: np.ndarray | None) -> np.ndarray:
-    """The dataset's own clients (each LEAF Synthetic client's samples stay its own)."""
+    """The dataset's own clients (each LEAF Synthetic client's, each file client's samples
+    stay its own); the population must be exactly those clients."""
     if natural_owner is None:
-        raise ConfigError("partition.kind: natural needs a per-client dataset (synthetic); "
-                          "allowed here: " + ", ".join(n for n in PARTITIONS.names()
+        raise ConfigError("partition.kind: natural needs a per-client dataset (synthetic, "
+                          "parquet, leaf); allowed here: " + ", ".join(n for n in PARTITIONS.names()
                                                         if n != "natural"))
+    clients = int(natural_owner.max()) + 1 if natural_owner.size else 0
+    if clients != n:
+        raise ConfigError(f"partition.kind: natural keeps the data's own {clients} clients; set "
+                          f"population.num_clients={clients} (it is {n})")
     return natural_owner.astype(np.int64)
 
 

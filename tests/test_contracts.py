@@ -3,6 +3,8 @@ a real Ray task as the other process; and the checkers catch plugins that break 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,22 @@ def _params(kind: str, name: str, tmp_path) -> dict:
     if (kind, name) == ("topology", "edge_list"):
         path = tmp_path / "edges.txt"
         path.write_text("".join(f"{i} {(i + 1) % 16}\n" for i in range(16)))
+        return {"path": str(path)}
+    if (kind, name) == ("dataset", "parquet"):
+        path = tmp_path / "clients.csv.parquet"
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rng = np.random.default_rng(0)
+        pq.write_table(pa.table({"client_id": np.arange(48) % 8, "label": np.arange(48) % 3,
+                                 "a": rng.normal(size=48), "b": rng.normal(size=48)}), path)
+        return {"path": str(path)}
+    if (kind, name) == ("dataset", "leaf"):
+        path = tmp_path / "leaf.json"
+        users = [f"u{k}" for k in range(8)]
+        path.write_text(json.dumps({"users": users, "num_samples": [3] * 8, "user_data": {
+            u: {"x": [[k, j, 1.0] for j in range(3)], "y": [j % 2 for j in range(3)]}
+            for k, u in enumerate(users)}}))
         return {"path": str(path)}
     return EXAMPLE_PARAMS.get((kind, name), {})
 
