@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from engine.compute.rl import EnvTrainer
 from engine.compute.shards import ShardIds
-from engine.compute.state import Checkpointed, RowState
+from engine.compute.state import Checkpointed, LazyRows
 from engine.compute.training import (
     DiagonalFisher,
     LocalSGD,
@@ -208,7 +208,7 @@ class ShardTrainer(ShardIds):
             return self._predict(models, x)
 
 
-class WorkerModels(RowState):
+class WorkerModels(LazyRows):
     """Streaming DiLoCo's workers (Douillard et al., 2025; policies/streaming.py): each
     client keeps its own parameters across rounds (rows, with `known` false until it first
     trains: it then starts from the global model)."""
@@ -227,7 +227,7 @@ class WorkerModels(RowState):
         the fragment whose outer step ended round r - 1 - tau merged in:
         own <- alpha own + (1 - alpha) global."""
         known = self.known[local][:, None]
-        own = torch.where(known, self.rows[local], params[None, :])
+        own = torch.where(known, self[local], params[None, :])
         done = r - 1 - s.tau
         if done >= 0:
             lo, hi = fragment_bounds(params.numel(), s.fragments,
@@ -267,14 +267,14 @@ class ClientPool(Checkpointed):
         self.fisher = DiagonalFisher(t.model, t.param_spec) if spec.fisher else None
         n, size = self.client_ids.size, t.param_spec.size
         # SCAFFOLD's client control variates c_i, one row per client of the shard
-        self.controls = RowState(n, size) if spec.hp.scaffold else None
+        self.controls = LazyRows(n, size) if spec.hp.scaffold else None
         # update compression, with error feedback's residual e_i per client of the shard
         self.compressor = None if spec.compressor.lossless else spec.compressor
-        self.residuals = RowState(n, size) if (self.compressor is not None and spec.error_feedback
+        self.residuals = LazyRows(n, size) if (self.compressor is not None and spec.error_feedback
                                                and spec.uplink is None) else None
         # SCAFCOM's momentum v_i per client (SCALLION and SCAFCOM keep no residual: c_i is
         # their memory of what was sent)
-        self.uplink_momentum = RowState(n, size) if (
+        self.uplink_momentum = LazyRows(n, size) if (
             spec.uplink is not None and spec.uplink.momentum) else None
         # Streaming DiLoCo: each worker's own parameters, and whether it has trained yet
         self.workers = None if spec.streaming is None else WorkerModels(n, size)

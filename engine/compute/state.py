@@ -1,6 +1,8 @@
 """Per-client state a pool keeps across rounds, as components the pool holds: rows of a
-[n_local, P] tensor, one per client of its shard (SCAFFOLD's control variates, error
-feedback's residuals, peers' momentum buffers), and the peers' own models."""
+[n_local, P] tensor, one per client of its shard (RowState: peers' momentum buffers and
+public copies), the same stored only for clients that have written one (LazyRows: client
+pools' SCAFFOLD controls, error feedback's residuals, SCAFCOM's momentum, Streaming
+DiLoCo's workers), and the peers' own models."""
 
 from __future__ import annotations
 
@@ -50,6 +52,62 @@ class RowState:
 
     def zero_(self) -> None:
         self.rows.zero_()
+
+
+class LazyRows:
+    """RowState's rows, stored only for the clients that have been written: a client's row
+    is zero until its first `put` or `add`, which gives it a slot in a store that grows by
+    doubling. A pool of a million clients of which a thousand train a round then holds
+    SCAFFOLD's controls (or error feedback's residuals) for those that trained, not [n, P].
+    The values are RowState's, bit for bit."""
+
+    def __init__(self, num_clients: int, num_params: int) -> None:
+        self.slot = torch.full((num_clients,), -1, dtype=torch.int64)
+        self.store = torch.zeros(0, num_params)
+        self.used = 0
+
+    @property
+    def stored(self) -> int:
+        """How many clients hold a row."""
+        return self.used
+
+    def _slots(self, local: torch.Tensor) -> torch.Tensor:
+        """The slots of `local` (distinct local ids), allocating the missing ones."""
+        slots = self.slot[local]
+        new = local[slots < 0]
+        if new.numel():
+            need = self.used + new.numel()
+            if need > self.store.shape[0]:
+                grown = torch.zeros(max(need, 2 * self.store.shape[0]), self.store.shape[1])
+                grown[: self.used] = self.store[: self.used]
+                self.store = grown
+            self.slot[new] = torch.arange(self.used, need)
+            self.used = need
+            slots = self.slot[local]
+        return slots
+
+    def __getitem__(self, local: torch.Tensor) -> torch.Tensor:
+        slots = self.slot[local]
+        out = torch.zeros(slots.numel(), self.store.shape[1])
+        have = slots >= 0
+        out[have] = self.store[slots[have]]
+        return out
+
+    def put(self, local: torch.Tensor, values: torch.Tensor,
+            keep: torch.Tensor | None = None) -> None:
+        if keep is not None:
+            local, values = local[keep], values[keep]
+        slots = self._slots(local)  # first: it may grow (replace) the store
+        self.store[slots] = values
+
+    def add(self, local: torch.Tensor, values: torch.Tensor) -> None:
+        slots = self._slots(local)
+        self.store[slots] += values
+
+    def zero_(self) -> None:
+        self.slot.fill_(-1)
+        self.store = torch.zeros(0, self.store.shape[1])
+        self.used = 0
 
 
 class PeerModels:
