@@ -124,20 +124,19 @@ def run_rounds(loop: RoundLoop, schedule: Schedule, progress: RoundProgress,
     Stop.active += 1
     try:
         while tally.next_round < schedule.rounds:
-            r = tally.next_round
+            r, signum = tally.next_round, None
             try:
                 step = _round(loop, schedule, progress, tally, r, start)
+                if step is None:
+                    break
+                signum = Stop.take()
+                if keeper is not None and (keeper.due(r) or signum is not None):
+                    keeper.save(loop, tally)  # a pool may die here too
             except PoolDied as err:
                 if keeper is None:
                     raise
                 loop, tally = keeper.recover(err)
                 progress.skip_to(tally.next_round)
-                continue
-            if step is None:
-                break
-            signum = Stop.take()
-            if keeper is not None and (keeper.due(r) or signum is not None):
-                keeper.save(loop, tally)
             if signum is not None:
                 raise stopped(signum)
     finally:
