@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -117,6 +118,10 @@ def _summary(cfg, result) -> int:
     print(f"  {model}: final {loop.final_accuracy:.{digits}f}, "
           f"best {loop.best_accuracy:.{digits}f}"
           + (f"; consensus distance {loop.consensus_distance:.4g}" if peers else ""))
+    if result.store is not None:
+        how = ("read from the cache" if result.store.built_s is None
+               else f"built in {result.store.built_s:.1f} s, cached")
+        print(f"  data: {how} ({result.store.path})")
     print(f"  logs: {result.log_dir}/  (python run.py analyze {result.log_dir})")
     return 0
 
@@ -313,8 +318,23 @@ def _help() -> str:
     return "\n".join(lines)
 
 
+class _Stderr(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)  # today's sys.stderr
+
+
+def _announce_data_builds() -> None:
+    """The client data store says on stderr when a build takes a while (it can take
+    minutes)."""
+    log = logging.getLogger("scenarios.store")
+    if not log.handlers:
+        log.addHandler(_Stderr())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _announce_data_builds()
     for signum in (signal.SIGINT, signal.SIGTERM):  # the round ends, a checkpoint, then stop
         signal.signal(signum, on_signal)
     try:

@@ -31,10 +31,9 @@ def reference(cfg, warmup: int, formulation: str) -> float:
     "vmap_grad" (vmap(grad(loss))) or "vmap_loss" (vmap the loss, one autograd pass, as the
     engine's executor does)."""
     task = build_task(cfg)
-    order = np.argsort(task.owner, kind="stable")
     n, per = task.num_clients, int(task.client_sizes[0])
-    x = torch.from_numpy(task.data.x_train[order]).reshape(n, per, -1)
-    y = torch.from_numpy(task.data.y_train[order]).reshape(n, per)
+    x, y, _ = task.train_rows()  # in client order
+    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
     model = task.model.build()
     spec = ParamSpec.of(model)
     params = init_params(task.model.build, 0)

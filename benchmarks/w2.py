@@ -34,10 +34,9 @@ def reference(cfg, warmup: int) -> float:
     """Every peer's parameters as one tensor [n, P]; per round, all peers take their local
     epoch together under vmap(grad(loss)), then X <- W X with a sparse CSR product."""
     task = build_task(cfg)
-    order = np.argsort(task.owner, kind="stable")
     n, per = task.num_clients, int(task.client_sizes[0])
-    x = torch.from_numpy(task.data.x_train[order]).reshape(n, per, -1)
-    y = torch.from_numpy(task.data.y_train[order]).reshape(n, per)
+    x, y, _ = task.train_rows()  # in client order
+    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
     model = task.model.build()
     spec = ParamSpec.of(model)
     graph = topology.random_regular(n, np.random.default_rng(0), degree=cfg.topology.degree)

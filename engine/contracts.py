@@ -42,7 +42,7 @@ from policies.selection import SELECTION, Selection
 from policies.staleness import STALENESS
 from scenarios.adversaries import ATTACKS, Attack
 from scenarios.availability import AVAILABILITY, Availability
-from scenarios.datasets import DATASETS
+from scenarios.datasets import DATASETS, whole
 from scenarios.distributions import DISTRIBUTIONS, Distribution
 from scenarios.environments import Environments
 from scenarios.mixing import MIXING, column_stochastic
@@ -382,13 +382,14 @@ def check_dataset(factory: Callable, params: dict | None = None,
     drawn = load(0)
     if isinstance(drawn, Environments):
         return _check_environments(drawn, load, remote)
-    x, y, owner, classes, shape = drawn
+    x, y, owner, classes, shape = whole(drawn)  # a Stream's blocks joined
     assert x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == int(np.prod(shape))
     _finite(x, "features")
     assert y.dtype == np.int64 and y.shape == (x.shape[0],) and 0 <= y.min() <= y.max() < classes
     assert owner is None or owner.shape == y.shape, "an owner per sample"
-    _same(load(0)[:2], (x, y), "the same generator, other samples")
-    _same(remote(load, 0)[:2], (x, y), "another process, other samples")
+    _same(whole(load(0))[:2], (x, y), "the same generator, other samples")
+    _same(remote(lambda seed: whole(load(seed)), 0)[:2], (x, y),
+          "another process, other samples")
 
 
 def _check_environments(drawn: Environments, load: Callable, remote: Remote) -> None:

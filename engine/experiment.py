@@ -31,6 +31,7 @@ from engine.loops.skeleton import LoopResult
 from engine.loops.world import PeerWorld, SyncWorld
 from engine.protocols.base import Plugins, Runner
 from engine.records.logs import (
+    MISSING,
     RoundRows,
     RunLogger,
     RunRows,
@@ -45,6 +46,7 @@ from policies.streaming import Streaming
 from scenarios.adversaries import Adversary, build_adversary
 from scenarios.environments import EnvTask
 from scenarios.models import ModelSpec
+from scenarios.store import ClientStore
 from scenarios.task import FederatedTask
 
 
@@ -54,6 +56,7 @@ class RunResult:
     log_dir: Path
     loop: LoopResult
     metric: str = "test accuracy"  # what loop.final_accuracy measures ("test return": RL)
+    store: ClientStore | None = None  # the client data store it read (None: environments)
 
     @property
     def updates_per_s(self) -> float:
@@ -170,7 +173,8 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
     status, error, clock = "failed", None, time.perf_counter()
     try:
         if not resume:  # a resumed run has its runs row already
-            row = run_row(cfg, options, pools.num_pools, b.params.numel(), started)
+            row = run_row(cfg, options, pools.num_pools, b.params.numel(), started,
+                          getattr(b.task, "store", None))
             logger.append(b.mode.describe(row, b.world))
             logger.flush()
         evaluator = task_evaluator(b.task, cfg.seed)
@@ -207,7 +211,8 @@ def run_experiment(cfg: ExperimentConfig, options: RuntimeOptions = DEFAULT_OPTI
         finally:
             pools.close()
     return RunResult(run_id, log_dir, loop,
-                     "test return" if isinstance(b.task, EnvTask) else "test accuracy")
+                     "test return" if isinstance(b.task, EnvTask) else "test accuracy",
+                     getattr(b.task, "store", None))
 
 
 def model_path(log_dir: Path, run_id: str) -> Path:
@@ -232,9 +237,11 @@ def _versions() -> str:
 
 
 def run_row(cfg: ExperimentConfig, options: RuntimeOptions, num_pools: int | None,
-            num_params: int | None, started: datetime) -> RunRows:
+            num_params: int | None, started: datetime,
+            store: ClientStore | None = None) -> RunRows:
     """The runs-table row (pools and parameter count unknown, None, if the run failed before
-    building them)."""
+    building them; no store for environments)."""
+    built = MISSING if store is None or store.built_s is None else store.built_s
     return RunRows(
         experiment=[cfg.experiment], config_yaml=[config_yaml(cfg)], config_digest=[digest(cfg)],
         seed=[cfg.seed], mode=[cfg.mode], backend=[options.backend],
@@ -243,6 +250,8 @@ def run_row(cfg: ExperimentConfig, options: RuntimeOptions, num_pools: int | Non
         num_params=np.array([num_params], dtype=object),
         started_at=np.array([started.replace(tzinfo=None)], dtype="datetime64[ms]"),
         versions=[_versions()],
+        data_store=np.array([MISSING if store is None else str(store.path)], dtype=object),
+        data_build_s=np.array([built], dtype=object),
     )
 
 

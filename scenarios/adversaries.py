@@ -199,13 +199,11 @@ class Adversary:
         return out, mask
 
     def poison(self, task: FederatedTask) -> FederatedTask:
-        """The task with the Byzantine clients' labels flipped, if the attack does that."""
+        """The task with the Byzantine clients' labels flipped (y -> C - 1 - y, as their
+        pools read their rows), if the attack does that."""
         if not self.attack.poisons_labels:
             return task
-        rows = self.byzantine[task.owner]
-        y = task.data.y_train.copy()
-        y[rows] = task.data.num_classes - 1 - y[rows]
-        return dataclasses.replace(task, data=dataclasses.replace(task.data, y_train=y))
+        return dataclasses.replace(task, flipped=self.byzantine.copy())
 
 
 def build_adversary(attack: Attack, fraction: float, num_clients: int,

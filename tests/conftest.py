@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,18 @@ import pytest
 from engine.core.config import ExperimentConfig, apply_override, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The client data stores the tests build (scenarios/store.py) go to a private cache, shared by
+# the session's tests and the run.py subprocesses they start, removed at its end.
+_CACHE = None
+if "CONCORD_DATA_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="concord-data-")
+    os.environ["CONCORD_DATA_CACHE"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

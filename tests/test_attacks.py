@@ -83,8 +83,10 @@ def test_label_flip_poisons_exactly_the_attackers_rows():
     adversary = adversary_of(cfg, 20, seeds.rng("byzantine"))
     task = build_task(cfg)
     poisoned = adversary.poison(task)
-    rows = adversary.byzantine[task.owner]
-    y, flipped = task.data.y_train, poisoned.data.y_train
+    _, y, owner = task.train_rows()
+    _, flipped, _ = poisoned.train_rows()  # as the pools read the rows
+    rows = adversary.byzantine[owner]
+    assert rows.any() and not rows.all()
     assert np.array_equal(flipped[rows], 9 - y[rows])
     assert np.array_equal(flipped[~rows], y[~rows])
 

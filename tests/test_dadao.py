@@ -174,13 +174,11 @@ def test_peer_pools_run_dadao_as_the_numpy_simulation_on_any_layout():
                                                           [()] * pools.num_pools))))
     np.testing.assert_array_equal(results[0], results[1])
 
-    shards = [task.shard(i, i + 1) for i in range(n)]
+    x, y, owner = task.train_rows()
     classes = task.model.num_classes
 
     def grad(i, w):
-        s = shards[i]
-        return softmax_gradient(s.x.reshape(s.y.size, -1).astype(np.float64),
-                                s.y.astype(np.int64), w, classes)
+        return softmax_gradient(x[owner == i].astype(np.float64), y[owner == i], w, classes)
 
     events = [e for ev in unit_events for e in zip(ev.time.tolist(), ev.kind.tolist(),
                                                     ev.a.tolist(), ev.b.tolist(), strict=True)]

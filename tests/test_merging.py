@@ -106,12 +106,13 @@ def test_uniform_soup_is_the_plain_average():
 
 
 def test_the_validation_split_is_held_out_of_training_and_refused_unread():
-    base = prepare(small_config()).task.data
+    base = prepare(small_config()).task
     parts = prepare(small_config(aggregation="greedy_soup",
                                  task={"validation_fraction": 0.25}))
-    data = parts.task.data
-    assert len(data.y_train) + len(data.y_val) == len(base.y_train)
-    assert abs(len(data.y_val) - 0.25 * len(base.y_train)) <= 20  # per client, rounded
+    data, trained, before = parts.task.data, parts.task.client_sizes.sum(), base.client_sizes.sum()
+    assert trained + len(data.y_val) == before
+    assert abs(len(data.y_val) - 0.25 * before) <= 20  # per client, rounded
+    base = base.data
     assert np.array_equal(data.y_test, base.y_test)  # the test set does not move
     with pytest.raises(ConfigError, match="task.validation_fraction"):
         prepare(small_config(aggregation="greedy_soup"))

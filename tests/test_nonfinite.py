@@ -19,21 +19,23 @@ from engine.core.params import init_params
 from engine.experiment import run_experiment
 from engine.records.logs import read_table
 from engine.resolve import build_task
+from scenarios.store import write_rows
 from tests.conftest import ROOT, small_config
 
 INLINE = RuntimeOptions("inline", 1)
 
 
-def test_a_pool_drops_a_nonfinite_update_and_sums_the_rest():
+def test_a_pool_drops_a_nonfinite_update_and_sums_the_rest(tmp_path):
     """Client 3's data hold a NaN: its update is dropped, and the pool's partial sums equal
     those of the other clients trained alone."""
     cfg = small_config()
     task = build_task(cfg)
-    shard = task.shard(0, 10)
-    x = shard.x.copy()
-    x[shard.offsets[3]] = np.nan
+    x, y, _ = task.train_rows()
+    x[task.store.offsets[3]] = np.nan
+    store = write_rows(tmp_path, x, y, task.client_sizes, task.store.num_classes,
+                       task.store.input_shape)
     spec = PoolSpec(task.model, LocalSGD(1, 8, 0.1), EXECUTORS["vmap"], cfg.seed)
-    pool = ClientPool(spec, dataclasses.replace(shard, x=x))
+    pool = ClientPool(spec, dataclasses.replace(task, store=store).shard(0, 10))
     params = init_params(task.model.build, 0)
     poisoned = pool.train(params, np.array([1, 3, 5]), 1, pre_reduce=True)
     clean = pool.train(params, np.array([1, 5]), 1, pre_reduce=True)

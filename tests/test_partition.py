@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine.core.errors import ConfigError
-from scenarios.datasets import DATASETS, holdout_mask, load_dataset
+from scenarios.datasets import DATASETS, holdout_mask, whole
 from scenarios.partition import PARTITIONS, partition
 
 LABELS = np.random.default_rng(0).integers(0, 10, 1000)
@@ -55,7 +55,7 @@ def test_natural_needs_a_per_client_dataset():
 
 def test_synthetic_is_non_iid_per_client():
     source = DATASETS.make("synthetic", alpha=1.0, beta=1.0, samples_per_client=200)
-    x, y, owner, _, _ = source(10, np.random.default_rng(0))
+    x, y, owner, _, _ = whole(source(10, np.random.default_rng(0)))
     assert x.shape == (2000, 60) and x.dtype == np.float32
     assert (np.bincount(owner) == 200).all()
     means = np.stack([x[owner == c].mean(axis=0) for c in range(10)])
@@ -67,7 +67,7 @@ def test_synthetic_beta_is_a_standard_deviation():
     (FedProx's generator reads beta as a standard deviation, not a variance)."""
     source = DATASETS.make("synthetic", alpha=0.0, beta=3.0, samples_per_client=2,
                            num_features=200)
-    x, _, owner, _, _ = source(2000, np.random.default_rng(0))
+    x, _, owner, _, _ = whole(source(2000, np.random.default_rng(0)))
     first_feature_mean = np.array([x[owner == c, 0].mean() for c in range(2000)])
     # feature 0 has unit noise; client means spread like N(0, beta^2 + 1 + 1/2)
     assert abs(first_feature_mean.std() - np.sqrt(9 + 1 + 0.5)) < 0.25
@@ -79,9 +79,17 @@ def test_holdout_keeps_a_training_sample_per_client():
     assert [int((~mask[owner == c]).sum()) for c in range(5)] == [1, 1, 5, 5, 25]
 
 
-def test_digits_split_and_scale():
-    rng = np.random.default_rng(0)
-    data = load_dataset(DATASETS.make("digits")(10, rng), 10, 0.2, 10_000, rng)
-    assert len(data.y_train) + len(data.y_test) == 1797
-    assert abs(len(data.y_test) - 359) <= 1
-    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
+def test_digits_split_and_scale(tmp_path):
+    from engine.core.seeds import SeedTree
+    from scenarios.partition import PARTITIONS
+    from scenarios.store import ClientStore, open_store, write_store
+
+    seeds = SeedTree(0)
+    write_store(tmp_path, DATASETS.make("digits")(10, seeds.rng("data")), 10,
+                PARTITIONS.make("iid"), seeds, seeds.rng("data"), 0.2, 10_000)
+    store: ClientStore = open_store(tmp_path)
+    x_test, y_test = store.split("test")
+    assert store.sizes.sum() + len(y_test) == 1797
+    assert abs(len(y_test) - 359) <= 1
+    x, _ = store.open().read(np.array([0]), np.array([store.sizes.sum()]))
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x_test.max() <= 1.0

@@ -159,8 +159,9 @@ def test_pools_send_label_counts_steps_and_fisher(small_task):
     pool = ClientPool(PoolSpec(model, hp, EXECUTORS["vmap"], 0, fisher=True), shard)
     ids = np.array([1, 4])
     res = pool.train(torch.zeros(ParamSpec.of(model.build()).size), ids, round_idx=0)
+    _, y, _ = task.train_rows()
     for row, c in enumerate(ids):
-        labels = shard.y[shard.offsets[c]: shard.offsets[c + 1]]
+        labels = y[task.store.offsets[c]: task.store.offsets[c + 1]]
         expected = np.bincount(labels, minlength=model.num_classes)
         assert res.updates.label_counts[row].tolist() == expected.tolist()
         assert int(res.updates.steps[row]) == -(-labels.size // 8)

@@ -9,6 +9,7 @@ pools' results in pool order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -88,6 +89,40 @@ def split_by_pool(selected: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
     return np.split(selected, cuts)
 
 
+def balanced_split(selected: np.ndarray, sizes: np.ndarray, num_pools: int
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
+    """A round's clients (sorted ids) cut into `num_pools` runs of consecutive ids holding
+    near-equal numbers of training samples, and the id boundaries of the runs (run p's ids
+    lie in bounds[p]..bounds[p+1]-1; the bounds tile 0..N, so the pools' partial sums of the
+    fixed id tree are those of any other cut: the bits do not depend on it)."""
+    weights = np.cumsum(sizes[selected])
+    total = weights[-1] if weights.size else 0
+    cuts = np.searchsorted(weights, total * np.arange(1, num_pools) / num_pools, side="right")
+    first = np.append(selected, sizes.size)[cuts]  # the first id of each later run
+    return np.split(selected, cuts), np.concatenate([[0], first, [sizes.size]]).astype(np.int64)
+
+
+class RoundSplit:
+    """How a round's clients go to pools: by the shard that owns them (their per-client state
+    lives there), or, where pools keep no state across rounds, in runs of consecutive ids
+    with equal samples (any pool reads any client's rows from the store)."""
+
+    def __init__(self, task, spec: PoolSpec, pool_class: type, bounds: np.ndarray) -> None:
+        self.bounds = bounds
+        self.sizes = (task.client_sizes if isinstance(task, FederatedTask) and
+                      pool_class is ClientPool and not spec.keeps_client_state else None)
+
+    def __call__(self, selected: np.ndarray, budgets: np.ndarray | None
+                 ) -> list[tuple[np.ndarray, np.ndarray | None, tuple[int, int]]]:
+        """(ids, their budgets, the id span they lie in) for each pool, in pool order."""
+        if self.sizes is None:
+            parts, bounds = split_by_pool(selected, self.bounds), self.bounds
+        else:
+            parts, bounds = balanced_split(selected, self.sizes, len(self.bounds) - 1)
+        spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return list(zip(parts, _split_like(budgets, parts), spans, strict=True))
+
+
 def _split_like(values: np.ndarray | None, parts: list[np.ndarray]) -> list:
     """`values` aligned with the concatenated parts, cut the same way (Nones without)."""
     if values is None:
@@ -103,6 +138,7 @@ class InlinePools:
         self.chunk_map = serial_map
         self._pools = [pool_class(spec, task.shard(a, b), *extra)
                        for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+        self._split = RoundSplit(task, spec, pool_class, self.bounds)
 
     def map(self, method, args, num_returns=1):
         """pool p runs method(pool, *args[p]); its result (a tuple if num_returns > 1)."""
@@ -123,10 +159,10 @@ class InlinePools:
 
     def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None,
               control_rows=False):
-        parts = split_by_pool(selected, self.bounds)
-        steps = _split_like(budgets, parts)
-        return [pool.train(params, ids, round_idx, pre_reduce, control, b, control_rows)
-                for pool, ids, b in zip(self._pools, parts, steps, strict=True) if ids.size]
+        return [dataclasses.replace(pool.train(params, ids, round_idx, pre_reduce, control, b,
+                                               control_rows, span), pool=p)
+                for p, (pool, (ids, b, span)) in enumerate(zip(
+                    self._pools, self._split(selected, budgets), strict=True)) if ids.size]
 
     def close(self) -> None:
         self._pools.clear()
@@ -190,6 +226,7 @@ class RayPools:
         self.num_pools = num_pools
         self.bounds = shard_bounds(task.num_clients, num_pools)
         self.chunk_map = RayChunkMap(workers=max(1, int(cpus)))
+        self._split = RoundSplit(task, spec, pool_class, self.bounds)
         self._key = (num_pools, min(1.0, cpus / num_pools))
         kept = _HOSTS.pop(self._key, None) if reuse else None
         drop_kept_hosts()  # idle hosts of another layout hold the CPUs this run's actors need
@@ -222,12 +259,13 @@ class RayPools:
     def train(self, params, selected, round_idx, pre_reduce, control=None, budgets=None,
               control_rows=False):
         params_ref, control_ref = self._shared(params), self._shared(control)
-        parts = split_by_pool(selected, self.bounds)
-        steps = _split_like(budgets, parts)
+        work = [(p, actor, *part) for p, (actor, part) in enumerate(zip(
+            self._actors, self._split(selected, budgets), strict=True)) if part[0].size]
         futures = [actor.call.remote("train", params_ref, ids, round_idx, pre_reduce,
-                                     control_ref, b, control_rows)
-                   for actor, ids, b in zip(self._actors, parts, steps, strict=True) if ids.size]
-        return self.get(futures)
+                                     control_ref, b, control_rows, span)
+                   for _, actor, ids, b, span in work]
+        return [dataclasses.replace(res, pool=w[0])
+                for w, res in zip(work, self.get(futures), strict=True)]
 
     def _shared(self, vector: torch.Tensor | None):
         """A per-round vector as every pool's call receives it: as numpy (Ray serialises it

@@ -154,9 +154,7 @@ class EnvTrainer(ShardIds):
         self.client_ids = shard.client_ids
         self.seeds = SeedTree(seed)
         self.model = model.build()
-        # what a pool sends with every update: no labels here (FedDisco is refused)
-        self.label_counts = torch.zeros(self.client_ids.size, model.num_classes,
-                                        dtype=torch.int64)
+        self._classes = model.num_classes
         self.param_spec = ParamSpec.of(self.model)
         self.head = head_of(self.env.family)
         self.forward = policy_forward(self.model, self.param_spec, self.head.outputs)
@@ -166,6 +164,10 @@ class EnvTrainer(ShardIds):
         self.act = lambda params, obs: [self.forward(w.clone(), o[None]) for w, o in zip(
             params, obs, strict=True)]
         self.gradient = vmap(grad(self._loss))
+
+    def label_counts(self, client_ids: np.ndarray) -> torch.Tensor:
+        """What a pool sends with every update: no labels here (FedDisco is refused)."""
+        return torch.zeros(len(client_ids), self._classes, dtype=torch.int64)
 
     def local_training(self, params: torch.Tensor, client_ids: np.ndarray, round_idx: int,
                        keys: np.ndarray | None = None, max_steps: int | None = None,

@@ -19,9 +19,10 @@ class ShardIds:
         """Rows of the shard's clients `client_ids` (a subset of it)."""
         return torch.from_numpy(np.searchsorted(self.client_ids, client_ids))
 
-    def partial_sums(self, values: torch.Tensor, client_ids: torch.Tensor) -> TreeSums:
-        """This shard's part of the fixed id tree of `values` (every node whose ids it holds
-        entirely); merges in place into `values`."""
+    def partial_sums(self, values: torch.Tensor, client_ids: torch.Tensor,
+                     span: tuple[int, int] | None = None) -> TreeSums:
+        """This shard's part of the fixed id tree of `values` (every node whose ids lie in
+        `span`, default the shard's ids, entirely); merges in place into `values`."""
         leaves = TreeSums.leaves(values, client_ids)
-        lo, hi = int(self.client_ids[0]), int(self.client_ids[-1]) + 1
+        lo, hi = span or (int(self.client_ids[0]), int(self.client_ids[-1]) + 1)
         return tree.merge(leaves, lo, hi, overwrite=True)

@@ -69,3 +69,4 @@ class Dispatch:
     control: torch.Tensor | None = None  # SCAFFOLD: the client's delta c_i
     label_counts: torch.Tensor | None = None  # [classes] its training labels (FedDisco, MWA)
     fisher: torch.Tensor | None = None  # [P] its local model's diagonal Fisher (merging)
+    pool: int = -1  # the pool that trained it

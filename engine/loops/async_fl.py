@@ -156,14 +156,15 @@ class AsyncRun:
                                    self.controls[version], np.array([d.steps for d in batch]),
                                    control_rows=self.control is not None)
         returned = [row for r in results for row in zip(
+            [r.pool] * r.updates.num_clients,
             r.updates.client_ids.tolist(), r.updates.deltas, r.updates.losses.tolist(),
             r.updates.num_samples.tolist(), *(_rows(column, r.updates.client_ids) for column in
                                               (r.control_deltas, r.updates.label_counts,
                                                r.updates.fisher)), strict=True)]
         j = 0  # results come back in id order, like `batch`, less the dropped ones
         for d in batch:
-            if j < len(returned) and returned[j][0] == d.client:
-                (_, d.delta, d.loss, d.samples, d.control, d.label_counts,
+            if j < len(returned) and returned[j][1] == d.client:
+                (d.pool, _, d.delta, d.loss, d.samples, d.control, d.label_counts,
                  d.fisher) = returned[j]
                 j += 1
             else:
@@ -411,7 +412,9 @@ def _log_version(run: AsyncRun, v: int, t: float, done: Round, scores: Scores,
 def _client_rows(v: int, rows: list, run: AsyncRun) -> ClientRows:
     ids = np.array([d.client for d, *_ in rows], dtype=np.int64)
     return ClientRows(
-        round=np.full(ids.size, v), client_id=ids, pool=pool_of(run.pools.bounds, ids),
+        round=np.full(ids.size, v), client_id=ids,
+        pool=np.where([d.pool >= 0 for d, *_ in rows], [d.pool for d, *_ in rows],
+                      pool_of(run.pools.bounds, ids)),  # else: its shard's
         status=np.array([s for _, s, *_ in rows], dtype=object),
         num_samples=np.array([d.samples for d, *_ in rows]),
         local_steps=np.array([d.steps for d, *_ in rows]),

@@ -222,7 +222,9 @@ def _client_rows(plan: RoundPlan, results: list[PoolResult], bounds: np.ndarray,
     attackers = setup.adversary.byzantine[ids] if setup.adversary is not None else \
         np.zeros(ids.size, dtype=bool)
     return ClientRows(
-        round=np.full(ids.size, plan.round), client_id=ids, pool=pool_of(bounds, ids),
+        round=np.full(ids.size, plan.round), client_id=ids,
+        pool=np.where(has, column(lambda res: np.full(res.updates.num_clients, res.pool), -1,
+                                  np.int64), pool_of(bounds, ids)),  # else: its shard's
         status=plan.status.astype(str),
         num_samples=setup.world.sizes[ids],
         local_steps=np.where(has, column(lambda res: res.updates.steps.numpy(), 0, np.int64),

@@ -42,6 +42,9 @@ RUNS = pa.schema([
     # decentralized runs: round 0's graph and the spectral gap of its mixing matrix
     ("topology", pa.string()), ("num_edges", pa.int64()), ("degree_min", pa.int32()),
     ("degree_mean", pa.float64()), ("degree_max", pa.int32()), ("spectral_gap", pa.float64()),
+    # the client data store the run read (scenarios/store.py) and the seconds this run spent
+    # building it (null: read from the cache; both null without one, e.g. environments)
+    ("data_store", pa.string()), ("data_build_s", pa.float64()),
 ])
 ROUNDS = pa.schema([
     ("round", pa.int32()), ("num_selected", pa.int32()), ("num_updates", pa.int32()),
@@ -106,6 +109,8 @@ class RunRows(NamedTuple):
     degree_mean: np.ndarray = missing()
     degree_max: np.ndarray = missing()
     spectral_gap: np.ndarray = missing()
+    data_store: np.ndarray = missing()
+    data_build_s: np.ndarray = missing()
 
 
 class RoundRows(NamedTuple):
