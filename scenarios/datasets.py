@@ -84,7 +84,7 @@ def digits(num_clients: int, rng: np.random.Generator) -> Samples:
 
 
 def synthetic_leaf(alpha: float, beta: float, f: int, c: int, counts: np.ndarray,
-                   rng: np.random.Generator, block_rows: int = 1 << 20
+                   rng: np.random.Generator, block_rows: int = 1 << 18
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Synthetic(alpha, beta) of LEAF (Caldas et al., 2018), as used by FedProx (Li et al., 2020).
 
@@ -117,7 +117,9 @@ def synthetic_leaf(alpha: float, beta: float, f: int, c: int, counts: np.ndarray
         bias = bias_rng.normal(u[lo:hi, None], 1.0, (hi - lo, c))
         v = v_rng.normal(b_mean[lo:hi, None], 1.0, (hi - lo, f))
         owner = np.repeat(np.arange(hi - lo), counts[lo:hi])
-        x = v[owner] + rng.standard_normal((owner.size, f)) * scale
+        x = rng.standard_normal((owner.size, f))
+        x *= scale
+        x += v[owner]  # v[owner] + noise * scale, in place
         y = np.empty(owner.size, dtype=np.int64)
         for a in range(0, owner.size, 16_384):  # chunked: W[owner] for all samples is too big
             sl = slice(a, a + 16_384)

@@ -36,6 +36,7 @@ import logging
 import mmap
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -98,17 +99,26 @@ class ClientStore:
 
 
 class RowReader:
-    """train.arrow memory-mapped: clients' rows copied out on demand (pages of other clients
-    are never touched)."""
+    """train.arrow memory-mapped: clients' rows copied out on demand. Only the pages holding
+    them are touched, and they are unmapped again after each read (the kernel maps file pages
+    in large folios, up to 2 MB a fault, so a process's resident memory would otherwise grow
+    towards the whole store as rounds visit its clients; the pages stay in the page cache)."""
 
     def __init__(self, file: Path, num_features: int) -> None:
-        self._source = pa.memory_map(str(file))
-        reader = pa.ipc.open_file(self._source)
-        self._x, self._y, starts = [], [], [0]
+        if not file.is_file():  # a pool on another machine than the one that built it
+            raise ConfigError(f"the client data store {file.parent} is not on this machine "
+                              f"({socket.gethostname()}); on a cluster, set {CACHE_ENV} to a "
+                              "folder every node shares")
+        with open(file, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        reader = pa.ipc.open_file(pa.py_buffer(self._map))  # zero-copy over the map
+        base = np.frombuffer(self._map, dtype=np.uint8).__array_interface__["data"][0]
+        self._x, self._y, self._spans, starts = [], [], [], [0]
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             self._x.append(_flat(batch.column(0), num_features))
             self._y.append(batch.column(1).to_numpy(zero_copy_only=True))
+            self._spans.append(_span([self._x[-1], self._y[-1]], base))
             starts.append(starts[-1] + batch.num_rows)
         self._starts = np.asarray(starts, dtype=np.int64)
 
@@ -128,7 +138,16 @@ class RowReader:
             local = rows[at] - self._starts[b]
             x[at] = self._x[b][local]
             y[at] = self._y[b][local]
+            self._map.madvise(mmap.MADV_DONTNEED, *self._spans[b])
         return x, y
+
+
+def _span(views: list[np.ndarray], base: int) -> tuple[int, int]:
+    """(start, length) of the map's pages under `views` (start page-aligned)."""
+    lo = min(v.__array_interface__["data"][0] for v in views) - base
+    hi = max(v.__array_interface__["data"][0] + v.nbytes for v in views) - base
+    lo -= lo % mmap.PAGESIZE
+    return lo, hi - lo
 
 
 def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -349,17 +368,28 @@ def _client_batches(sizes: np.ndarray, num_features: int) -> list[int]:
 
 def _write(file: Path, schema: pa.Schema, x: np.memmap, y: np.ndarray, rows: np.ndarray,
            batch_rows: list[int]) -> None:
-    """Rows `rows` of (x, y), in that order, as record batches of `batch_rows` rows. Pages of
-    the scratch file are dropped from this process after each batch (the copy's resident
-    memory stays one batch)."""
+    """Rows `rows` of (x, y), in that order, as record batches of `batch_rows` rows."""
     with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         lo = 0
         for n in batch_rows or [0]:
             take = rows[lo: lo + n]
-            values = pa.array(np.asarray(x[take], dtype=np.float32).reshape(-1))
+            values = pa.array(_gather(x, take).reshape(-1))
             writer.write_batch(pa.record_batch(
                 [pa.FixedSizeListArray.from_arrays(values, schema.field("x").type.list_size),
                  pa.array(y[take])], schema=schema))
             lo += n
-            if x._mmap is not None:
-                x._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def _gather(x: np.memmap, take: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """x[take] from the scratch file's map, `chunk` rows at a time, each time unmapping the
+    pages it touched: the kernel maps file pages in folios of up to 2 MB, so a few thousand
+    scattered rows (the test set) would otherwise map the whole file into this process."""
+    out = np.empty((take.size, x.shape[1]), dtype=np.float32)
+    row = x.shape[1] * x.itemsize
+    for lo in range(0, take.size, chunk):
+        part = take[lo: lo + chunk]
+        out[lo: lo + part.size] = x[part]
+        first = int(part.min()) * row
+        first -= first % mmap.PAGESIZE
+        x._mmap.madvise(mmap.MADV_DONTNEED, first, (int(part.max()) + 1) * row - first)
+    return out

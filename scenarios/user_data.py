@@ -6,7 +6,8 @@ client's samples its own; any other partition pools them.
     task: {dataset: leaf, leaf: {path: data/femnist/train}}           # LEAF's JSON files
 
 Every problem with a file is one ConfigError line naming the key, the file and what is wrong.
-The data are read whole into the driver (the client data store of issue 27 is not built yet).
+The files are read whole once, when the client data store is built (scenarios/store.py); runs
+of the same files read the store.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from engine.resolve import build_task
 from scenarios import store as store_module
 from scenarios.datasets import Samples, _client_counts, synthetic_leaf
 from scenarios.partition import PARTITIONS
-from scenarios.store import cached, lookup, open_store, write_store
+from scenarios.store import cached, lookup, open_store, write_rows, write_store
 from tests.conftest import small_config
 
 
@@ -180,3 +181,11 @@ def test_a_round_is_split_by_samples_into_runs_of_ids_unless_pools_keep_client_s
     halves = [int(task.client_sizes[p].sum()) for p, *_ in even]
     assert abs(halves[0] - halves[1]) <= task.client_sizes.max()  # dirichlet sizes: uneven ids
     assert even[0][2][1] == even[1][2][0] == even[1][0][0]
+
+
+def test_a_pool_that_cannot_see_the_store_says_so(tmp_path):
+    store = write_rows(tmp_path / "s", np.zeros((4, 3), np.float32), np.arange(4) % 2,
+                       np.array([2, 2]), 2, (3,))
+    shutil.rmtree(store.path)
+    with pytest.raises(ConfigError, match=r"is not on this machine .*CONCORD_DATA_CACHE"):
+        store.open()
