@@ -52,3 +52,27 @@ def alternate(args, engine_cfg, references: dict[str, Callable[[], float]]) -> d
             rates[name].append(run())
         print(f"  repeat {i + 1}: " + "  ".join(f"{k} {v[-1]:7,.0f}" for k, v in rates.items()))
     return {name: float(np.median(v)) for name, v in rates.items()}
+
+
+def plain_step(model: torch.nn.Module):
+    """The plain reference's client step, as issue 28 describes it: vmap(grad(loss)) of a
+    functional call over per-tensor stacked parameters (a dict), cross-entropy loss."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    def loss(params, xb, yb):
+        return F.cross_entropy(functional_call(model, params, (xb,)), yb)
+
+    return vmap(grad(loss))
+
+
+def plain_sgd(step, params: dict, xs: torch.Tensor, ys: torch.Tensor, batch: int,
+              lr: float) -> dict:
+    """One local epoch of every stacked client ([k, per, ...] data, already in each client's
+    shuffled order), batch by batch, updated in place with torch._foreach_add_."""
+    names = list(params)
+    for s in range(0, xs.shape[1], batch):
+        grads = step(params, xs[:, s: s + batch], ys[:, s: s + batch])
+        torch._foreach_add_([params[n] for n in names], [grads[n] for n in names], alpha=-lr)
+    return params
+

@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import alternate, parser  # benchmarks/common.py (the script's folder)
+from common import (  # benchmarks/common.py (the script's folder)
+    alternate,
+    parser,
+    plain_sgd,
+    plain_step,
+)
 from torch.func import functional_call, grad, vmap
 
 from engine.core.config import load_config
@@ -69,21 +74,57 @@ def reference(cfg, warmup: int, formulation: str) -> float:
     return updates / timed
 
 
+def plain_reference(cfg, warmup: int) -> float:
+    """The plain reference of issue 28: all clients' data pre-stacked as one [n, per, F]
+    tensor; each round the sampled clients gathered with a per-client permutation, their local
+    epoch as vmap(grad(loss)) over per-tensor stacked parameters updated with
+    torch._foreach_add_, then the sample-weighted mean. One process, every core."""
+    task = build_task(cfg)
+    n, per = task.num_clients, int(task.client_sizes[0])
+    x, y, _ = task.train_rows()  # in client order
+    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
+    sizes = torch.from_numpy(task.client_sizes.astype(np.float32))
+    model = task.model.build()
+    spec = ParamSpec.of(model)
+    params = {k: v.clone() for k, v in spec.unflatten(init_params(task.model.build, 0)).items()}
+    step = plain_step(model)
+    hp, k = cfg.training, cfg.population.participation.clients_per_round
+    rng = np.random.default_rng(0)
+    timed, updates = 0.0, 0
+    for r in range(cfg.rounds):
+        t0 = time.perf_counter()
+        chosen = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
+        perm = torch.argsort(torch.rand(k, per), dim=1)
+        xs = torch.take_along_dim(x[chosen], perm[..., None], dim=1)
+        ys = torch.take_along_dim(y[chosen], perm, dim=1)
+        w = plain_sgd(step, {name: p.expand(k, *p.shape).clone() for name, p in params.items()},
+                      xs, ys, hp.batch_size, hp.lr)
+        weights = sizes[chosen] / sizes[chosen].sum()
+        params = {name: torch.tensordot(weights, v, dims=1) for name, v in w.items()}
+        if r >= warmup:
+            timed += time.perf_counter() - t0
+            updates += k
+    return updates / timed
+
+
 def main() -> None:
     args = parser(__doc__, repeats=5).parse_args()
     cfg = load_config(CONFIG, [f"rounds={args.rounds}"])
     medians = alternate(args, cfg, {
-        f: (lambda f=f: reference(cfg, args.warmup, f)) for f in ("vmap_grad", "vmap_loss")})
-    eng, *refs = medians.values()
+        "plain": lambda: plain_reference(cfg, args.warmup),
+        **{f: (lambda f=f: reference(cfg, args.warmup, f)) for f in ("vmap_grad", "vmap_loss")}})
+    eng, plain, *refs = medians.values()
     best = max(refs)
     print(f"W1 steady state (rounds >= {args.warmup} of {args.rounds}), median of "
           f"{args.repeats}, client-updates/s:")
     threads = torch.get_num_threads()
+    print(f"  plain reference (issue 28), dict params, {threads} threads: {plain:8,.0f}")
     print(f"  reference, vmap(grad(loss)),      {threads} threads: {refs[0]:8,.0f}")
     print(f"  reference, vmap(loss) + autograd, {threads} threads: {refs[1]:8,.0f}")
     print(f"  engine, Ray pools + vmap executor:           {eng:8,.0f}")
-    print(f"  ratio engine / faster reference: {eng / best:.2f}x   "
-          f"(/ vmap(grad) reference: {eng / refs[0]:.2f}x)")
+    print(f"  ratio engine / plain reference: {eng / plain:.2f}x   "
+          f"(/ faster flat reference: {eng / best:.2f}x, / flat vmap(grad): "
+          f"{eng / refs[0]:.2f}x)")
 
 
 if __name__ == "__main__":
