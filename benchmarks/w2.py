@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import alternate, parser  # benchmarks/common.py (the script's folder)
+from common import (  # benchmarks/common.py (the script's folder)
+    alternate,
+    parser,
+    plain_sgd,
+    plain_step,
+)
 from torch.func import functional_call, grad, vmap
 
 from engine.core.config import load_config
@@ -69,16 +74,55 @@ def reference(cfg, warmup: int) -> float:
     return updates / timed
 
 
+def plain_reference(cfg, warmup: int) -> float:
+    """The plain reference of issue 28: every peer's parameters stacked per tensor (a dict of
+    [n, ...]); per round all peers take their local epoch together (vmap(grad(loss)),
+    torch._foreach_add_), then one sparse mixing step per parameter tensor. One process,
+    every core."""
+    task = build_task(cfg)
+    n, per = task.num_clients, int(task.client_sizes[0])
+    x, y, _ = task.train_rows()  # in client order
+    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
+    model = task.model.build()
+    spec = ParamSpec.of(model)
+    graph = topology.random_regular(n, np.random.default_rng(0), degree=cfg.topology.degree)
+    w = metropolis_hastings(graph).astype(np.float32).tocsr()
+    w_t = torch.sparse_csr_tensor(torch.from_numpy(w.indptr).long(),
+                                  torch.from_numpy(w.indices).long(),
+                                  torch.from_numpy(w.data), size=w.shape)
+    start = spec.unflatten(init_params(task.model.build, 0))
+    models = {k: v.expand(n, *v.shape).clone() for k, v in start.items()}
+    step, hp = plain_step(model), cfg.training
+    timed, updates = 0.0, 0
+    for r in range(cfg.rounds):
+        t0 = time.perf_counter()
+        perm = torch.argsort(torch.rand(n, per), dim=1)
+        xs = torch.take_along_dim(x, perm[..., None], dim=1)
+        ys = torch.take_along_dim(y, perm, dim=1)
+        models = plain_sgd(step, models, xs, ys, hp.batch_size, hp.lr)
+        models = {k: torch.sparse.mm(w_t, v.reshape(n, -1)).reshape(v.shape)
+                  for k, v in models.items()}
+        if r >= warmup:
+            timed += time.perf_counter() - t0
+            updates += n
+    return updates / timed
+
+
 def main() -> None:
     args = parser(__doc__, repeats=3).parse_args()
     cfg = load_config(CONFIG, [f"rounds={args.rounds}"])
-    eng, ref = alternate(args, cfg, {"reference": lambda: reference(cfg, args.warmup)}).values()
+    eng, plain, ref = alternate(args, cfg, {
+        "plain": lambda: plain_reference(cfg, args.warmup),
+        "reference": lambda: reference(cfg, args.warmup)}).values()
     print(f"W2 steady state (rounds >= {args.warmup} of {args.rounds}), median of "
           f"{args.repeats}, peer-updates/s:")
-    print(f"  reference, vmap(grad) + sparse mixing, {torch.get_num_threads()} threads: "
+    threads = torch.get_num_threads()
+    print(f"  plain reference (issue 28), dict params, {threads} threads: {plain:8,.0f}")
+    print(f"  reference, flat vmap(grad) in blocks + sparse mixing, {threads} threads: "
           f"{ref:8,.0f}")
     print(f"  engine, Ray pools + vmap executor + gossip:        {eng:8,.0f}")
-    print(f"  ratio engine / reference: {eng / ref:.2f}x")
+    print(f"  ratio engine / plain reference: {eng / plain:.2f}x   (/ flat reference: "
+          f"{eng / ref:.2f}x)")
 
 
 if __name__ == "__main__":
