@@ -38,6 +38,7 @@ def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="rounds left out of steady state")
     p.add_argument("--repeats", type=int, default=repeats,
                    help="alternating engine/reference runs")
+    p.add_argument("--executor", default="vmap", help="the engine's training.executor")
     return p
 
 

@@ -109,7 +109,7 @@ def plain_reference(cfg, warmup: int) -> float:
 
 def main() -> None:
     args = parser(__doc__, repeats=5).parse_args()
-    cfg = load_config(CONFIG, [f"rounds={args.rounds}"])
+    cfg = load_config(CONFIG, [f"rounds={args.rounds}", f"training.executor={args.executor}"])
     medians = alternate(args, cfg, {
         "plain": lambda: plain_reference(cfg, args.warmup),
         **{f: (lambda f=f: reference(cfg, args.warmup, f)) for f in ("vmap_grad", "vmap_loss")}})
@@ -121,7 +121,8 @@ def main() -> None:
     print(f"  plain reference (issue 28), dict params, {threads} threads: {plain:8,.0f}")
     print(f"  reference, vmap(grad(loss)),      {threads} threads: {refs[0]:8,.0f}")
     print(f"  reference, vmap(loss) + autograd, {threads} threads: {refs[1]:8,.0f}")
-    print(f"  engine, Ray pools + vmap executor:           {eng:8,.0f}")
+    pad = " " * (11 - len(args.executor))
+    print(f"  engine, Ray pools + {args.executor} executor:{pad}{eng:8,.0f}")
     print(f"  ratio engine / plain reference: {eng / plain:.2f}x   "
           f"(/ faster flat reference: {eng / best:.2f}x, / flat vmap(grad): "
           f"{eng / refs[0]:.2f}x)")

@@ -110,7 +110,7 @@ def plain_reference(cfg, warmup: int) -> float:
 
 def main() -> None:
     args = parser(__doc__, repeats=3).parse_args()
-    cfg = load_config(CONFIG, [f"rounds={args.rounds}"])
+    cfg = load_config(CONFIG, [f"rounds={args.rounds}", f"training.executor={args.executor}"])
     eng, plain, ref = alternate(args, cfg, {
         "plain": lambda: plain_reference(cfg, args.warmup),
         "reference": lambda: reference(cfg, args.warmup)}).values()
@@ -120,7 +120,8 @@ def main() -> None:
     print(f"  plain reference (issue 28), dict params, {threads} threads: {plain:8,.0f}")
     print(f"  reference, flat vmap(grad) in blocks + sparse mixing, {threads} threads: "
           f"{ref:8,.0f}")
-    print(f"  engine, Ray pools + vmap executor + gossip:        {eng:8,.0f}")
+    print(f"  engine, Ray pools + {args.executor} executor + gossip:{'':<{8 - len(args.executor)}}"
+          f"{eng:8,.0f}")
     print(f"  ratio engine / plain reference: {eng / plain:.2f}x   (/ flat reference: "
           f"{eng / ref:.2f}x)")
 

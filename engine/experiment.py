@@ -112,6 +112,9 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
     if adversary is not None:
         task = adversary.poison(task)
     params = init_params(task.model.build, seeds.integer("init"))
+    if not isinstance(task, EnvTask):  # an executor that cannot train the model says so now
+        module = task.model.build()
+        plugins.executor(module, ParamSpec.of(module))
     # A batch larger than the largest client is one full batch: cap it (for the whole
     # population, so padded shapes, and hence results, do not depend on the pool layout).
     batch = min(cfg.training.batch_size, int(task.client_sizes.max()))

@@ -1,0 +1,66 @@
+"""The fused MLP executor (engine/compute/training.py FusedMLPExecutor): the vmap executor's
+steps by batched matrix products, equal to it to 1e-6, layout-independent, and refused for
+models it cannot train."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backends.runtime import RuntimeOptions
+from engine.compute.training import EXECUTORS, LocalSGD, batch_plan
+from engine.core.errors import ConfigError
+from engine.core.params import ParamSpec, init_params
+from engine.experiment import prepare, run_experiment
+from scenarios.models import MODELS, ModelSpec
+from tests.conftest import small_config
+
+
+@pytest.mark.parametrize("model", [("mlp", {"hidden": [128]}), ("mlp", {"hidden": [12, 7]}),
+                                   ("logistic", {})])
+@pytest.mark.parametrize("hp", [
+    LocalSGD(1, 16, 0.05),
+    LocalSGD(2, 8, 0.05, momentum=0.9, prox_mu=0.1, sam_rho=0.2),
+    LocalSGD(1, 8, 0.05, scaffold=True),
+])
+def test_fused_steps_equal_the_vmap_executor(model, hp):
+    """Unequal client sizes (padding rows and idle steps), starting points per client,
+    momentum, FedProx, SAM and SCAFFOLD's correction: deltas, losses and momentum to 1e-6."""
+    kind, params = model
+    spec = ModelSpec(MODELS.make(kind, **params), (20,), 5)
+    module, rng = spec.build(), np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(400, 20)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, 400))
+    counts = np.array([3, 40, 17, 33, 9, 1, 25, 40, 12, 20])
+    plan = batch_plan(np.arange(10, dtype=np.uint64), np.arange(10) * 40, counts, hp)
+    start = init_params(spec.build, 0) + 0.1 * torch.randn(10, ParamSpec.of(module).size)
+    correction = 0.01 * torch.randn_like(start) if hp.scaffold else None
+    outs = [EXECUTORS[name](module, ParamSpec.of(module))(start, x, y, plan, hp, None, correction)
+            for name in ("vmap", "fused")]
+    for field in ("deltas", "losses", "momentum"):
+        a, b = getattr(outs[0], field), getattr(outs[1], field)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert torch.equal(outs[0].steps, outs[1].steps)
+    assert not torch.equal(outs[1].deltas, torch.zeros_like(outs[1].deltas))
+
+
+def test_fused_runs_give_the_same_bits_on_any_layout(tmp_path):
+    cfg = small_config(rounds=2, training={"executor": "fused"},
+                       task={"model": {"kind": "mlp", "mlp": {"hidden": [16]}}})
+    a, b = (run_experiment(cfg, RuntimeOptions("inline", pools=n), tmp_path, False).loop.params
+            for n in (1, 3))
+    assert torch.equal(a, b)
+    vmap = run_experiment(small_config(rounds=2, task={"model": {"kind": "mlp",
+                                                                  "mlp": {"hidden": [16]}}}),
+                          RuntimeOptions("inline"), tmp_path, False).loop.params
+    torch.testing.assert_close(a, vmap, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", [{"model": {"kind": "cnn"}},
+                                  {"model": {"kind": "mlp", "supermask": {"keep": 0.5}}}])
+def test_fused_refuses_what_it_cannot_train(task):
+    with pytest.raises(ConfigError, match=r"^training.executor: fused takes dense layers"):
+        prepare(small_config(training={"executor": "fused"}, task=task))
