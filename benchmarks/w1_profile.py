@@ -87,7 +87,8 @@ def in_pool(cfg, rounds: int) -> dict[str, float]:
             sums = t.partial_sums(out.deltas * torch.from_numpy(counts.astype(np.float32))[:, None],
                                   ids_t)
         updates = Updates(deltas=None, weights=torch.from_numpy(counts.astype(np.float32)),
-                          client_ids=ids_t, losses=out.losses, weighted_sums=sums)
+                          client_ids=ids_t, losses=out.losses,
+                          num_samples=torch.from_numpy(counts), weighted_sums=sums)
         with timed("result pickled (as Ray ships it)"):
             pickle.dumps(PoolResult(updates, torch.zeros(50), 0.0), protocol=5)
     return {name: float(np.median(v[5:])) for name, v in times.items()}
