@@ -123,8 +123,10 @@ def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
 
 
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """bool [C]: rows of x [C, P] without NaN or inf (one isfinite reduction per row)."""
-    return torch.isfinite(x).all(dim=1)
+    """bool [C]: rows of x [C, P] without NaN or inf: a row's largest magnitude is finite
+    exactly then (amax propagates NaN); 0.08 ms instead of isfinite(x).all's 0.9 ms for
+    W1's [50, 9610]."""
+    return torch.isfinite(x.abs().amax(dim=1))
 
 
 # A shard whose training rows take at most this many bytes reads them once into memory; a
