@@ -6,16 +6,20 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 
 from engine.backends.runtime import RuntimeOptions
+from engine.core.params import ParamSpec, init_params
 from engine.experiment import run_experiment
 from engine.records.logs import read_table
+from engine.resolve import build_task
 
 
 def engine_rate(cfg, pools: int | None, warmup: int) -> float:
@@ -76,4 +80,48 @@ def plain_sgd(step, params: dict, xs: torch.Tensor, ys: torch.Tensor, batch: int
         grads = step(params, xs[:, s: s + batch], ys[:, s: s + batch])
         torch._foreach_add_([params[n] for n in names], [grads[n] for n in names], alpha=-lr)
     return params
+
+
+class Stacked(NamedTuple):
+    """A workload's data as the references hold it: every client's samples pre-stacked."""
+
+    n: int  # clients
+    per: int  # samples each (W1 and W2 give every client the same number)
+    x: torch.Tensor  # [n, per, F]
+    y: torch.Tensor  # [n, per]
+    sizes: torch.Tensor  # float32 [n]
+    model: torch.nn.Module
+    spec: ParamSpec
+    init: torch.Tensor  # the initial model, flat [P]
+
+
+def stacked(cfg) -> Stacked:
+    task = build_task(cfg)
+    n, per = task.num_clients, int(task.client_sizes[0])
+    x, y, _ = task.train_rows()  # in client order
+    model = task.model.build()
+    return Stacked(n, per, torch.from_numpy(x).reshape(n, per, -1),
+                   torch.from_numpy(y).reshape(n, per),
+                   torch.from_numpy(task.client_sizes.astype(np.float32)), model,
+                   ParamSpec.of(model), init_params(task.model.build, 0))
+
+
+def shuffled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clients' stacked samples ([k, per, ...], [k, per]), each client's in a fresh random
+    order."""
+    perm = torch.argsort(torch.rand(y.shape), dim=1)
+    return torch.take_along_dim(x, perm[..., None], dim=1), torch.take_along_dim(y, perm, dim=1)
+
+
+def steady_rate(rounds: int, warmup: int, one_round: Callable[[int], int]) -> float:
+    """Updates per second of `one_round(r)` (which returns its updates) over rounds >=
+    warmup."""
+    timed, updates = 0.0, 0
+    for r in range(rounds):
+        start = time.perf_counter()
+        done = one_round(r)
+        if r >= warmup:
+            timed += time.perf_counter() - start
+            updates += done
+    return updates / timed
 

@@ -9,7 +9,6 @@ Prints steady-state client-updates/s of both (rounds after the first `--warmup`)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,13 @@ from common import (  # benchmarks/common.py (the script's folder)
     parser,
     plain_sgd,
     plain_step,
+    shuffled,
+    stacked,
+    steady_rate,
 )
 from torch.func import functional_call, grad, vmap
 
 from engine.core.config import load_config
-from engine.core.params import ParamSpec, init_params
-from engine.resolve import build_task
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w1.yaml"
 
@@ -35,13 +35,7 @@ def reference(cfg, warmup: int, formulation: str) -> float:
     mean of the deltas. Same data, model, selection size and hyper-parameters. `formulation`:
     "vmap_grad" (vmap(grad(loss))) or "vmap_loss" (vmap the loss, one autograd pass, as the
     engine's executor does)."""
-    task = build_task(cfg)
-    n, per = task.num_clients, int(task.client_sizes[0])
-    x, y, _ = task.train_rows()  # in client order
-    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
-    model = task.model.build()
-    spec = ParamSpec.of(model)
-    params = init_params(task.model.build, 0)
+    n, per, x, y, _, model, spec, params = stacked(cfg)
     hp, k = cfg.training, cfg.population.participation.clients_per_round
 
     def loss(flat, xb, yb):
@@ -57,21 +51,18 @@ def reference(cfg, warmup: int, formulation: str) -> float:
             return torch.autograd.grad(losses(w, xb, yb).sum(), w)[0]
 
     rng = np.random.default_rng(0)
-    timed, updates = 0.0, 0
-    for r in range(cfg.rounds):
-        t0 = time.perf_counter()
+
+    def one_round(r: int) -> int:
+        nonlocal params
         chosen = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
-        perm = torch.argsort(torch.rand(k, per), dim=1)
-        xs = torch.take_along_dim(x[chosen], perm[..., None], dim=1)
-        ys = torch.take_along_dim(y[chosen], perm, dim=1)
+        xs, ys = shuffled(x[chosen], y[chosen])
         w = params.expand(k, -1).clone()
         for s in range(0, per, hp.batch_size):
             w -= hp.lr * step(w, xs[:, s : s + hp.batch_size], ys[:, s : s + hp.batch_size])
         params = params + (w - params).mean(dim=0)
-        if r >= warmup:
-            timed += time.perf_counter() - t0
-            updates += k
-    return updates / timed
+        return k
+
+    return steady_rate(cfg.rounds, warmup, one_round)
 
 
 def plain_reference(cfg, warmup: int) -> float:
@@ -79,32 +70,23 @@ def plain_reference(cfg, warmup: int) -> float:
     tensor; each round the sampled clients gathered with a per-client permutation, their local
     epoch as vmap(grad(loss)) over per-tensor stacked parameters updated with
     torch._foreach_add_, then the sample-weighted mean. One process, every core."""
-    task = build_task(cfg)
-    n, per = task.num_clients, int(task.client_sizes[0])
-    x, y, _ = task.train_rows()  # in client order
-    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
-    sizes = torch.from_numpy(task.client_sizes.astype(np.float32))
-    model = task.model.build()
-    spec = ParamSpec.of(model)
-    params = {k: v.clone() for k, v in spec.unflatten(init_params(task.model.build, 0)).items()}
+    n, per, x, y, sizes, model, spec, init = stacked(cfg)
+    params = {k: v.clone() for k, v in spec.unflatten(init).items()}
     step = plain_step(model)
     hp, k = cfg.training, cfg.population.participation.clients_per_round
     rng = np.random.default_rng(0)
-    timed, updates = 0.0, 0
-    for r in range(cfg.rounds):
-        t0 = time.perf_counter()
+
+    def one_round(r: int) -> int:
+        nonlocal params
         chosen = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
-        perm = torch.argsort(torch.rand(k, per), dim=1)
-        xs = torch.take_along_dim(x[chosen], perm[..., None], dim=1)
-        ys = torch.take_along_dim(y[chosen], perm, dim=1)
+        xs, ys = shuffled(x[chosen], y[chosen])
         w = plain_sgd(step, {name: p.expand(k, *p.shape).clone() for name, p in params.items()},
                       xs, ys, hp.batch_size, hp.lr)
         weights = sizes[chosen] / sizes[chosen].sum()
         params = {name: torch.tensordot(weights, v, dims=1) for name, v in w.items()}
-        if r >= warmup:
-            timed += time.perf_counter() - t0
-            updates += k
-    return updates / timed
+        return k
+
+    return steady_rate(cfg.rounds, warmup, one_round)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ ratio, alternating engine and reference `--repeats` times.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,13 @@ from common import (  # benchmarks/common.py (the script's folder)
     parser,
     plain_sgd,
     plain_step,
+    shuffled,
+    stacked,
+    steady_rate,
 )
 from torch.func import functional_call, grad, vmap
 
 from engine.core.config import load_config
-from engine.core.params import ParamSpec, init_params
-from engine.resolve import build_task
 from scenarios import topology
 from scenarios.mixing import metropolis_hastings
 
@@ -35,43 +35,41 @@ CHUNK = 250
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w2.yaml"
 
 
+def mixing(cfg, n: int) -> torch.Tensor:
+    """W2's mixing matrix as a sparse CSR tensor: Metropolis-Hastings on a random regular
+    graph."""
+    graph = topology.random_regular(n, np.random.default_rng(0), degree=cfg.topology.degree)
+    w = metropolis_hastings(graph).astype(np.float32).tocsr()
+    return torch.sparse_csr_tensor(torch.from_numpy(w.indptr).long(),
+                                   torch.from_numpy(w.indices).long(),
+                                   torch.from_numpy(w.data), size=w.shape)
+
+
 def reference(cfg, warmup: int) -> float:
     """Every peer's parameters as one tensor [n, P]; per round, all peers take their local
     epoch together under vmap(grad(loss)), then X <- W X with a sparse CSR product."""
-    task = build_task(cfg)
-    n, per = task.num_clients, int(task.client_sizes[0])
-    x, y, _ = task.train_rows()  # in client order
-    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
-    model = task.model.build()
-    spec = ParamSpec.of(model)
-    graph = topology.random_regular(n, np.random.default_rng(0), degree=cfg.topology.degree)
-    w = metropolis_hastings(graph).astype(np.float32).tocsr()
-    w_t = torch.sparse_csr_tensor(torch.from_numpy(w.indptr).long(),
-                                  torch.from_numpy(w.indices).long(),
-                                  torch.from_numpy(w.data), size=w.shape)
-    models = init_params(task.model.build, 0).expand(n, -1).clone()
+    n, per, x, y, _, model, spec, init = stacked(cfg)
+    w_t = mixing(cfg, n)
+    models = init.expand(n, -1).clone()
     hp = cfg.training
 
     def loss(flat, xb, yb):
         return F.cross_entropy(functional_call(model, spec.unflatten(flat), (xb,)), yb)
 
     step = vmap(grad(loss))
-    timed, updates = 0.0, 0
-    for r in range(cfg.rounds):
-        t0 = time.perf_counter()
-        perm = torch.argsort(torch.rand(n, per), dim=1)
-        xs = torch.take_along_dim(x, perm[..., None], dim=1)
-        ys = torch.take_along_dim(y, perm, dim=1)
+
+    def one_round(r: int) -> int:
+        nonlocal models
+        xs, ys = shuffled(x, y)
         for lo in range(0, n, CHUNK):  # peers in cache-sized blocks (measured: fastest)
             block = models[lo: lo + CHUNK]
             for s in range(0, per, hp.batch_size):
                 block -= hp.lr * step(block, xs[lo: lo + CHUNK, s: s + hp.batch_size],
                                       ys[lo: lo + CHUNK, s: s + hp.batch_size])
         models = torch.sparse.mm(w_t, models)
-        if r >= warmup:
-            timed += time.perf_counter() - t0
-            updates += n
-    return updates / timed
+        return n
+
+    return steady_rate(cfg.rounds, warmup, one_round)
 
 
 def plain_reference(cfg, warmup: int) -> float:
@@ -79,33 +77,21 @@ def plain_reference(cfg, warmup: int) -> float:
     [n, ...]); per round all peers take their local epoch together (vmap(grad(loss)),
     torch._foreach_add_), then one sparse mixing step per parameter tensor. One process,
     every core."""
-    task = build_task(cfg)
-    n, per = task.num_clients, int(task.client_sizes[0])
-    x, y, _ = task.train_rows()  # in client order
-    x, y = torch.from_numpy(x).reshape(n, per, -1), torch.from_numpy(y).reshape(n, per)
-    model = task.model.build()
-    spec = ParamSpec.of(model)
-    graph = topology.random_regular(n, np.random.default_rng(0), degree=cfg.topology.degree)
-    w = metropolis_hastings(graph).astype(np.float32).tocsr()
-    w_t = torch.sparse_csr_tensor(torch.from_numpy(w.indptr).long(),
-                                  torch.from_numpy(w.indices).long(),
-                                  torch.from_numpy(w.data), size=w.shape)
-    start = spec.unflatten(init_params(task.model.build, 0))
+    n, per, x, y, _, model, spec, init = stacked(cfg)
+    w_t = mixing(cfg, n)
+    start = spec.unflatten(init)
     models = {k: v.expand(n, *v.shape).clone() for k, v in start.items()}
     step, hp = plain_step(model), cfg.training
-    timed, updates = 0.0, 0
-    for r in range(cfg.rounds):
-        t0 = time.perf_counter()
-        perm = torch.argsort(torch.rand(n, per), dim=1)
-        xs = torch.take_along_dim(x, perm[..., None], dim=1)
-        ys = torch.take_along_dim(y, perm, dim=1)
+
+    def one_round(r: int) -> int:
+        nonlocal models
+        xs, ys = shuffled(x, y)
         models = plain_sgd(step, models, xs, ys, hp.batch_size, hp.lr)
         models = {k: torch.sparse.mm(w_t, v.reshape(n, -1)).reshape(v.shape)
                   for k, v in models.items()}
-        if r >= warmup:
-            timed += time.perf_counter() - t0
-            updates += n
-    return updates / timed
+        return n
+
+    return steady_rate(cfg.rounds, warmup, one_round)
 
 
 def main() -> None:
