@@ -42,7 +42,8 @@ def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="rounds left out of steady state")
     p.add_argument("--repeats", type=int, default=repeats,
                    help="alternating engine/reference runs")
-    p.add_argument("--executor", default="vmap", help="the engine's training.executor")
+    p.add_argument("--executor", default="auto",
+                   help="the engine's training.executor (default: the config's, auto)")
     return p
 
 

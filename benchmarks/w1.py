@@ -1,4 +1,4 @@
-"""W1: the engine (Ray backend, vmap executor) vs an in-process plain-PyTorch vmap reference.
+"""W1: the engine (Ray backend, the config's executor: auto) vs in-process plain-PyTorch references.
 
 Workload (configs/w1.yaml): 1000 clients x 64 samples, 64 features, 10 classes; MLP 64-128-10;
 100 clients per round; 1 local epoch, batch 16, SGD lr 0.05; FedAvg; 20 rounds.

@@ -1,4 +1,4 @@
-"""W2: decentralized SGD on the engine (Ray pools, vmap executor, gossip through the object
+"""W2: decentralized SGD on the engine (Ray pools, the config's executor, gossip through the object
 store) vs an in-process plain-PyTorch reference (vmap training + sparse mixing).
 
 Workload (configs/w2.yaml): 1000 peers on a random 4-regular graph with Metropolis-Hastings

@@ -64,3 +64,12 @@ def test_fused_runs_give_the_same_bits_on_any_layout(tmp_path):
 def test_fused_refuses_what_it_cannot_train(task):
     with pytest.raises(ConfigError, match=r"^training.executor: fused takes dense layers"):
         prepare(small_config(training={"executor": "fused"}, task=task))
+
+
+def test_auto_takes_fused_where_it_can_and_vmap_elsewhere():
+    from engine.compute.training import FusedMLPExecutor, VmapExecutor
+
+    for kind, want in (("mlp", FusedMLPExecutor), ("cnn", VmapExecutor)):
+        spec = ModelSpec(MODELS.make(kind), (1, 8, 8), 10)
+        module = spec.build()
+        assert type(EXECUTORS["auto"](module, ParamSpec.of(module))) is want
