@@ -47,6 +47,27 @@ def test_fused_steps_equal_the_vmap_executor(model, hp):
     assert not torch.equal(outs[1].deltas, torch.zeros_like(outs[1].deltas))
 
 
+@pytest.mark.parametrize("hp", [LocalSGD(1, 8, 0.05), LocalSGD(1, 8, 0.05, momentum=0.9)])
+def test_a_clients_fused_steps_do_not_depend_on_the_others_in_its_batch(hp):
+    """In-place plain SGD and the shared steps: each client's delta and loss are the same
+    bits whether it trains with all ten clients, with a few, or alone, padded to the longest
+    plan in its batch or not (pools rely on it)."""
+    spec = ModelSpec(MODELS.make("mlp", hidden=[12, 7]), (20,), 5)
+    module, rng = spec.build(), np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(400, 20)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, 400))
+    counts = np.array([3, 40, 17, 33, 9, 1, 25, 40, 12, 20])
+    plan = batch_plan(np.arange(10, dtype=np.uint64), np.arange(10) * 40, counts, hp)
+    start = init_params(spec.build, 0) + 0.1 * torch.randn(10, ParamSpec.of(module).size)
+    fused = EXECUTORS["fused"](module, ParamSpec.of(module))
+    every = fused(start, x, y, plan, hp)
+    for group in ([2, 5, 7], [0], [9, 1]):
+        steps = int((plan[group] >= 0).any(dim=2).sum(dim=1).max())  # as a pool plans them
+        some = fused(start[group], x, y, plan[group][:, :steps], hp)
+        assert torch.equal(some.deltas, every.deltas[group])
+        assert torch.equal(some.losses, every.losses[group])
+
+
 def test_fused_runs_give_the_same_bits_on_any_layout(tmp_path):
     cfg = small_config(rounds=2, training={"executor": "fused"},
                        task={"model": {"kind": "mlp", "mlp": {"hidden": [16]}}})

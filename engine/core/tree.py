@@ -47,8 +47,8 @@ class TreeSums(NamedTuple):
 def merge(nodes: TreeSums, lo: int, hi: int, overwrite: bool = False) -> TreeSums:
     """Replace sibling nodes by their parent, bottom-up, wherever the parent's whole interval
     lies in [lo, hi) (the ids this caller holds). The schedule is integer work on ids (numpy:
-    tiny arrays); the values see one in-place `left += right` per level on a single buffer
-    (`nodes.sums` itself when `overwrite`)."""
+    tiny arrays); the values see in-place `left += right` row additions on a single buffer
+    (`nodes.sums` itself when `overwrite`), see `_add_rows`."""
     level, index = nodes.level.numpy().copy(), nodes.index.numpy().copy()
     sums = nodes.sums if overwrite else nodes.sums.clone()
     alive = np.ones(level.size, dtype=bool)
@@ -65,11 +65,25 @@ def merge(nodes: TreeSums, lo: int, hi: int, overwrite: bool = False) -> TreeSum
         siblings = parent[1:] == parent[:-1]  # rows[i] is the left, rows[i + 1] the right
         left, right = rows[:-1][siblings], rows[1:][siblings]
         if left.size:
-            sums[torch.from_numpy(left)] += sums[torch.from_numpy(right)]
+            _add_rows(sums, left, right)
         alive[right] = False
         level[rows], index[rows] = depth + 1, parent
     keep = torch.from_numpy(np.flatnonzero(alive))
     return TreeSums(torch.from_numpy(level)[keep], torch.from_numpy(index)[keep], sums[keep])
+
+
+def _add_rows(sums: torch.Tensor, left: np.ndarray, right: np.ndarray) -> None:
+    """sums[left] += sums[right] (disjoint rows): one strided view addition where the pairs
+    are evenly spaced (every id present, as in gossip), else row by row. Both add the same
+    pairs, so the bits are those of any other order; indexed `+=` with index tensors cost
+    ~15 us a pair of W1's 9,610-wide rows, a row's `+=` ~4 us."""
+    gap = right - left
+    if left.size > 2 and (gap == gap[0]).all() and (np.diff(left) == left[1] - left[0]).all():
+        a, step, stop = int(left[0]), int(left[1] - left[0]), int(left[-1]) + 1
+        sums[a:stop:step] += sums[a + int(gap[0]):stop + int(gap[0]):step]
+        return
+    for a, b in zip(left.tolist(), right.tolist(), strict=True):
+        sums[a] += sums[b]
 
 
 def total(nodes: TreeSums, width: int) -> torch.Tensor:
