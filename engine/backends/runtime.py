@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -181,8 +182,13 @@ class PoolHost:
         self.pool = pool_class(spec, shard, *extra)
         return self.pool.ready()
 
-    def call(self, method: str, *args):
-        return getattr(self.pool, method)(*args)
+    def run(self, packed: bytes, *refs):
+        """pool.method(*args), from `pack_call`'s bytes: the arguments Ray resolved (object
+        refs) come as `refs`; a result asked for packed goes back pickled (one bytes value)."""
+        method, args, pack_result = pickle.loads(packed)
+        args = [refs[a.index] if isinstance(a, Slot) else a for a in args]
+        out = getattr(self.pool, method)(*args)
+        return pickle.dumps(out, protocol=5) if pack_result else out
 
     def release(self) -> None:
         self.pool = None
@@ -201,6 +207,27 @@ class PoolHost:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """In a packed call, the place of the argument that Ray passes as refs[index]."""
+
+    index: int
+
+
+def pack_call(method: str, args: tuple, pack_result: bool, ref_type: type) -> tuple:
+    """The arguments of `PoolHost.run` for pool.method(*args): every argument pickled
+    together into one bytes value, except object refs (`ref_type`), which stay Ray's
+    arguments so Ray resolves them. Ray serialises each argument of a call on its own: a W1
+    `train` call with its nine arguments cost 1.76 ms a round for two pools, as one bytes
+    value 1.08 ms (no-op calls: 0.96 ms). A packed result (a pickled bytes value) comes back
+    faster too where it is small (W1's partial sums: 1.64 -> 1.31 ms for two pools); a large
+    one (every client's delta) is left to Ray, which ships numpy arrays without copies."""
+    refs = [a for a in args if isinstance(a, ref_type)]
+    slots = iter(range(len(refs)))
+    args = [Slot(next(slots)) if isinstance(a, ref_type) else a for a in args]
+    return (pickle.dumps((method, args, pack_result), protocol=5), *refs)
 
 
 _HOSTS: dict[tuple[int, float], list] = {}  # (pools, CPUs each) -> idle PoolHost actors
@@ -261,10 +288,11 @@ class RayPools:
         params_ref, control_ref = self._shared(params), self._shared(control)
         work = [(p, actor, *part) for p, (actor, part) in enumerate(zip(
             self._actors, self._split(selected, budgets), strict=True)) if part[0].size]
-        futures = [actor.call.remote("train", params_ref, ids, round_idx, pre_reduce,
-                                     control_ref, b, control_rows, span)
+        futures = [actor.run.remote(*pack_call("train", (params_ref, ids, round_idx, pre_reduce,
+                                                           control_ref, b, control_rows, span),
+                                               pre_reduce, self._ray.ObjectRef))
                    for _, actor, ids, b, span in work]
-        return [dataclasses.replace(res, pool=w[0])
+        return [dataclasses.replace(pickle.loads(res) if pre_reduce else res, pool=w[0])
                 for w, res in zip(work, self.get(futures), strict=True)]
 
     def _shared(self, vector: torch.Tensor | None):
@@ -282,7 +310,8 @@ class RayPools:
         waiting (a list of refs per pool if num_returns > 1). Refs passed as arguments of a
         later call are resolved by Ray: values over 1 MiB go pool to pool through the object
         store, smaller ones travel inline via the driver."""
-        return [actor.call.options(num_returns=num_returns).remote(method.__name__, *a)
+        return [actor.run.options(num_returns=num_returns).remote(
+                    *pack_call(method.__name__, a, False, self._ray.ObjectRef))
                 for actor, a in zip(self._actors, args, strict=True)]
 
     def get(self, handles):

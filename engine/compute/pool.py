@@ -362,7 +362,7 @@ class ClientPool(Checkpointed):
             local, params, round_idx, self.spec.streaming)
         out, counts = t.local_training(origin, client_ids, round_idx, correction=correction,
                                        budgets=budgets)
-        finite = finite_rows(out.deltas)
+        finite, checked = finite_rows(out.deltas), out.deltas
         if self.workers is not None:  # the worker's outer gradient on the round's fragment
             sent = self.workers.trained(local, params, origin, out.deltas, round_idx,
                                         self.spec.streaming, finite)
@@ -380,7 +380,8 @@ class ClientPool(Checkpointed):
         rows = moved.clone() if control_rows and moved is not None else None
         control_sums = None if moved is None else t.partial_sums(  # merges into `moved`
             moved, torch.from_numpy(np.array(client_ids, dtype=np.int64)), span)
-        finite &= finite_rows(deltas)
+        if deltas is not checked:  # what is sent is not the deltas checked above
+            finite &= finite_rows(deltas)
         updates = Updates(
             deltas=deltas,
             weights=torch.from_numpy(counts.astype(np.float32)),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 MAX_LEVEL = 48  # client ids < 2**48
@@ -45,45 +44,53 @@ class TreeSums(NamedTuple):
 
 
 def merge(nodes: TreeSums, lo: int, hi: int, overwrite: bool = False) -> TreeSums:
-    """Replace sibling nodes by their parent, bottom-up, wherever the parent's whole interval
-    lies in [lo, hi) (the ids this caller holds). The schedule is integer work on ids (numpy:
-    tiny arrays); the values see in-place `left += right` row additions on a single buffer
-    (`nodes.sums` itself when `overwrite`), see `_add_rows`."""
-    level, index = nodes.level.numpy().copy(), nodes.index.numpy().copy()
+    """Join nodes into their common ancestors, bottom-up, wherever the ancestor's whole
+    interval lies in [lo, hi) (the ids this caller holds); the others stay as they are. Every
+    ancestor's value is its left subtree's sum plus its right's, whoever joins them, so any
+    split gives the same bits. A stack over the nodes in id order: two neighbours join at the
+    level of their lowest common ancestor, lower levels first, each join one in-place row
+    addition `left += right` on a single buffer (`nodes.sums` itself when `overwrite`).
+    Measured on W1 (50 of a pool's 500 ids, 9,610 values each): 0.3 ms; the level-by-level
+    numpy schedule with indexed additions it replaces took 1.0 ms, the same bits."""
     sums = nodes.sums if overwrite else nodes.sums.clone()
-    alive = np.ones(level.size, dtype=bool)
-    for depth in range(MAX_LEVEL):
-        live = np.flatnonzero(alive)  # rows stay ordered by the first id they cover
-        if np.count_nonzero(level[live] >= depth) <= 1:
-            break
-        rows = live[level[live] == depth]
-        if rows.size == 0:
-            continue
-        parent = index[rows] >> 1
-        up = ((parent << (depth + 1)) >= lo) & (((parent + 1) << (depth + 1)) <= hi)
-        rows, parent = rows[up], parent[up]
-        siblings = parent[1:] == parent[:-1]  # rows[i] is the left, rows[i + 1] the right
-        left, right = rows[:-1][siblings], rows[1:][siblings]
-        if left.size:
-            _add_rows(sums, left, right)
-        alive[right] = False
-        level[rows], index[rows] = depth + 1, parent
-    keep = torch.from_numpy(np.flatnonzero(alive))
-    return TreeSums(torch.from_numpy(level)[keep], torch.from_numpy(index)[keep], sums[keep])
+    values = sums.unbind(0)
+    final: list[tuple[int, int, int]] = []  # (row, level, first id): joins nothing more
+    stack: list[tuple[int, int, int]] = []  # the same; neighbours' common ancestors' levels
+    #                                         fall towards the top
 
+    def above(a: tuple, b: tuple) -> int:  # the level of a's and b's lowest common ancestor
+        return (a[2] ^ b[2]).bit_length()
 
-def _add_rows(sums: torch.Tensor, left: np.ndarray, right: np.ndarray) -> None:
-    """sums[left] += sums[right] (disjoint rows): one strided view addition where the pairs
-    are evenly spaced (every id present, as in gossip), else row by row. Both add the same
-    pairs, so the bits are those of any other order; indexed `+=` with index tensors cost
-    ~15 us a pair of W1's 9,610-wide rows, a row's `+=` ~4 us."""
-    gap = right - left
-    if left.size > 2 and (gap == gap[0]).all() and (np.diff(left) == left[1] - left[0]).all():
-        a, step, stop = int(left[0]), int(left[1] - left[0]), int(left[-1]) + 1
-        sums[a:stop:step] += sums[a + int(gap[0]):stop + int(gap[0]):step]
-        return
-    for a, b in zip(left.tolist(), right.tolist(), strict=True):
-        sums[a] += sums[b]
+    def inside(level: int, first: int) -> bool:
+        start = (first >> level) << level
+        return start >= lo and start + (1 << level) <= hi
+
+    def join() -> bool:  # the stack's top two, if their ancestor lies in [lo, hi)
+        right, left = stack[-1], stack[-2]
+        level = above(left, right)
+        if not inside(level, left[2]):
+            final.extend(stack)  # every join left in the stack is at this level or above
+            stack.clear()
+            return False
+        values[left[0]].add_(values[right[0]])
+        stack[-2:] = [(left[0], level, (left[2] >> level) << level)]
+        return True
+
+    levels, firsts = nodes.level.tolist(), (nodes.index << nodes.level).tolist()
+    for node in zip(range(len(levels)), levels, firsts, strict=True):
+        while len(stack) >= 2 and above(stack[-2], stack[-1]) < above(stack[-1], node):
+            if not join():
+                break
+        if stack and not inside(above(stack[-1], node), node[2]):
+            final.extend(stack)
+            stack.clear()
+        stack.append(node)
+    while len(stack) >= 2 and join():
+        pass
+    final.extend(stack)  # in id order, as the nodes came
+    level = torch.tensor([f[1] for f in final], dtype=torch.int64)
+    return TreeSums(level, torch.tensor([f[2] for f in final], dtype=torch.int64) >> level,
+                    sums[torch.tensor([f[0] for f in final], dtype=torch.int64)])
 
 
 def total(nodes: TreeSums, width: int) -> torch.Tensor:
