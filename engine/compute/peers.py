@@ -171,7 +171,7 @@ class PeerPool(Checkpointed):
             empty = PeerTrainStats(ids, np.zeros(0, np.float32), np.zeros(0, np.int64), 0.0)
             return (empty, *self._exports(exports))
         local = self.trainer.local(ids)
-        out, _ = self.trainer.local_training(self.models()[local], ids, round_idx,
+        out, _ = self.trainer.local_training(self.state.rows(local), ids, round_idx,
                                              momentum=self._momentum_rows(local))
         self.state.step(local, out.deltas)
         self._keep_momentum(local, out)
@@ -302,7 +302,7 @@ class PeerPool(Checkpointed):
         counters = self._step_counts[local]
         keys = splitmix64(self.seeds.client_keys("async_step", 0, ids) ^ counters)
         self._step_counts[local] += np.uint64(1)
-        return self.trainer.gradients(self.models()[torch.from_numpy(local)], ids, keys)
+        return self.trainer.gradients(self.state.rows(torch.from_numpy(local)), ids, keys)
 
     def _one_step(self, ids: np.ndarray) -> None:
         """Each peer's k-th asynchronous step uses the k-th minibatch of its own stream."""
@@ -311,7 +311,7 @@ class PeerPool(Checkpointed):
         keys = splitmix64(self.seeds.client_keys("async_step", 0, ids) ^ counters)
         self._step_counts[local] += np.uint64(1)
         rows = torch.from_numpy(local)
-        out, _ = self.trainer.local_training(self.models()[rows], ids, 0, keys=keys,
+        out, _ = self.trainer.local_training(self.state.rows(rows), ids, 0, keys=keys,
                                              max_steps=1, momentum=self._momentum_rows(rows))
         self.state.step(rows, out.deltas)
         self._keep_momentum(rows, out)
@@ -356,10 +356,10 @@ class PeerPool(Checkpointed):
 
     def models_of(self, peer_ids: np.ndarray) -> np.ndarray:
         """[len(peer_ids), P]: the de-biased models of some of the block's peers."""
-        return self.models()[self.trainer.local(peer_ids)].numpy()
+        return self.state.rows(self.trainer.local(peer_ids)).numpy()
 
     def evaluate_peers(self, peer_ids: np.ndarray, mean_model: np.ndarray) -> PeerScores:
-        z = self.models()[self.trainer.local(peer_ids)]
+        z = self.state.rows(self.trainer.local(peer_ids))
         scores = [(*self.evaluator(row), None)[:3] for row in z]  # (loss, accuracy, return)
         loss, accuracy, returns = (_column(c) for c in zip(*scores, strict=True)) \
             if scores else (np.zeros(0),) * 3

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+MIX_ROWS = 16  # peers a block in `Neighbourhood.mix` (16 rows of W1's model: 615 KB)
+
 
 class Forged(NamedTuple):
     """Messages Byzantine senders forge for particular receivers (e.g. the dissensus attack):
@@ -76,8 +78,20 @@ class Neighbourhood(NamedTuple):
         return out
 
     def mix(self) -> torch.Tensor:
-        """[n, P]: sum_j W[i, j] x_j over what each peer receives."""
-        return self.weighted_sum(self.received)
+        """[n, P]: sum_j W[i, j] x_j over what each peer receives. Without forged messages,
+        `weighted_sum`'s operations block by block of MIX_ROWS rows: the same bits, with
+        each block's received rows and sums kept in cache (W2's 500 peers a pool: 26 -> ? ms
+        a step)."""
+        if self.forged is not None:
+            return self.weighted_sum(self.received)
+        out = torch.empty(self.num_peers, self.models.shape[1], dtype=self.models.dtype)
+        for a in range(0, self.num_peers, MIX_ROWS):
+            index, w, block = self.index[a: a + MIX_ROWS], self.weights[a: a + MIX_ROWS], \
+                out[a: a + MIX_ROWS]
+            torch.mul(w[:, 0, None], self.models.index_select(0, index[:, 0]), out=block)
+            for k in range(1, w.shape[1]):
+                block.addcmul_(w[:, k, None], self.models.index_select(0, index[:, k]))
+        return out
 
     def mix_mass(self) -> torch.Tensor:
         return (self.weights * self.mass[self.index]).sum(dim=1)
