@@ -173,6 +173,21 @@ def test_mixing_preserves_the_mean():
     np.testing.assert_allclose(mean, x0.astype(np.float64).mean(axis=0), atol=1e-6)
 
 
+def test_blocked_mix_gives_the_bits_of_the_slot_by_slot_weighted_sum():
+    """Neighbourhood.mix (blocks of MIX_ROWS peers) against weighted_sum over whole slots:
+    more peers than a block and a ragged last block, unequal degrees with padded slots,
+    mixed magnitudes (rounding is order-sensitive)."""
+    rng = np.random.default_rng(3)
+    n, m, d, width = 37, 60, 5, 33
+    models = torch.from_numpy((rng.standard_normal((m, width)) *
+                               10.0 ** rng.integers(-3, 4, (m, 1))).astype(np.float32))
+    index = torch.from_numpy(rng.integers(0, m, (n, d)))
+    valid = torch.from_numpy(rng.random((n, d)) < 0.8)
+    weights = torch.from_numpy(rng.random((n, d)).astype(np.float32)) * valid
+    nb = Neighbourhood(models, torch.ones(m), index, weights, valid, torch.arange(n))
+    assert torch.equal(nb.mix(), nb.weighted_sum(nb.received))
+
+
 def test_push_sum_recovers_the_exact_average_on_a_directed_irregular_graph():
     """A directed ring plus chords: column-stochastic weights, masses move away from 1,
     and x / w still converges to the average of the initial models."""
