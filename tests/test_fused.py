@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.backends.runtime import RuntimeOptions
+from engine.compute import training
 from engine.compute.training import EXECUTORS, LocalSGD, batch_plan
 from engine.core.errors import ConfigError
 from engine.core.params import ParamSpec, init_params
@@ -48,10 +49,10 @@ def test_fused_steps_equal_the_vmap_executor(model, hp):
 
 
 @pytest.mark.parametrize("hp", [LocalSGD(1, 8, 0.05), LocalSGD(1, 8, 0.05, momentum=0.9)])
-def test_a_clients_fused_steps_do_not_depend_on_the_others_in_its_batch(hp):
+def test_a_clients_fused_steps_do_not_depend_on_the_others_in_its_batch(hp, monkeypatch):
     """In-place plain SGD and the shared steps: each client's delta and loss are the same
     bits whether it trains with all ten clients, with a few, or alone, padded to the longest
-    plan in its batch or not (pools rely on it)."""
+    plan in its batch or not (pools rely on it), and in blocks of FUSED_BLOCK clients."""
     spec = ModelSpec(MODELS.make("mlp", hidden=[12, 7]), (20,), 5)
     module, rng = spec.build(), np.random.default_rng(1)
     x = torch.from_numpy(rng.normal(size=(400, 20)).astype(np.float32))
@@ -66,6 +67,10 @@ def test_a_clients_fused_steps_do_not_depend_on_the_others_in_its_batch(hp):
         some = fused(start[group], x, y, plan[group][:, :steps], hp)
         assert torch.equal(some.deltas, every.deltas[group])
         assert torch.equal(some.losses, every.losses[group])
+    monkeypatch.setattr(training, "FUSED_BLOCK", 3)  # blocks of 3, 3, 3 and 1 clients
+    blocked = fused(start, x, y, plan, hp)
+    assert torch.equal(blocked.deltas, every.deltas)
+    assert torch.equal(blocked.losses, every.losses)
 
 
 def test_fused_runs_give_the_same_bits_on_any_layout(tmp_path):

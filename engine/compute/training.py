@@ -325,6 +325,9 @@ class LoopExecutor:
         return flat - params, loss_sum / max(n, 1), n, buf
 
 
+FUSED_BLOCK = 64  # clients the fused executor steps together (see _plain_sgd)
+
+
 class FusedMLPExecutor(VmapExecutor):
     """The vmap executor's steps for stacks of dense layers with ReLU between them (`mlp`,
     `logistic`), forward and backward written out with batched matrix products over the
@@ -350,13 +353,32 @@ class FusedMLPExecutor(VmapExecutor):
         return super().__call__(params, x, y, plan, hp, momentum, correction)
 
     def _plain_sgd(self, params, x, y, plan: torch.Tensor, lr: float) -> Trained:
-        """Every step on the clients' per-layer weights, held contiguous for the whole call:
-        the update is added into them by the backward pass's own products
-        (`baddbmm_(..., alpha=-lr)`), not built as a [C, P] gradient and subtracted. All
-        steps' rows are gathered at once (padding as zeros, see `_padded_as_zeros`)."""
-        c, num_steps, b = plan.shape
+        """Block by block of FUSED_BLOCK clients, every step of the block (its weights stay in
+        cache across the steps: W2's 500 peers a pool, where all steps of all clients at
+        once read [500, P] weights from memory at every step: 63 -> 35 ms a call, blocks of
+        16, 32, 64, 128: 53, 41, 36, 36 ms); a client's numbers do not depend on the others
+        in its block (tested), so neither do the bits."""
+        c = plan.shape[0]
+        deltas, losses = torch.empty(c, params.shape[-1]), torch.empty(c)
+        for a in range(0, c, FUSED_BLOCK):
+            block = slice(a, a + FUSED_BLOCK)
+            losses[block] = self._plain_block(params if params.dim() == 1 else params[block],
+                                              x, y, plan[block], lr, deltas[block])
+        steps = (plan >= 0).any(dim=2).sum(dim=1)
+        return Trained(deltas, losses / steps.clamp(min=1), steps, None)
+
+    def _plain_block(self, params, x, y, plan: torch.Tensor, lr: float,
+                     deltas: torch.Tensor) -> torch.Tensor:
+        """A block's steps on its per-layer weights, held contiguous: the update is added
+        into them by the backward pass's own products (`baddbmm_(..., alpha=-lr)`), not
+        built as a [C, P] gradient and subtracted; the block's rows of all steps gathered at
+        once (padding as zeros, see `_padded_as_zeros`), steps that none of it takes left
+        out. Writes the deltas into `deltas`; returns the clients' summed step losses."""
         mask = plan >= 0
-        rows = plan.clamp(min=0).reshape(-1)
+        num_steps = int(mask.any(dim=2).any(dim=0).nonzero().max()) + 1 if mask.any() else 0
+        c, _, b = plan.shape
+        mask = mask[:, :num_steps]
+        rows = plan[:, :num_steps].clamp(min=0).reshape(-1)
         xs = x.index_select(0, rows).reshape(c, num_steps, b, -1).masked_fill(
             ~mask[..., None], 0.0)
         ys = y.index_select(0, rows).reshape(c, num_steps, b).masked_fill(~mask, 0)
@@ -371,11 +393,10 @@ class FusedMLPExecutor(VmapExecutor):
                 layers[i][0].baddbmm_(d.transpose(1, 2), inputs[i], alpha=-lr)
                 layers[i][1].add_(d.sum(dim=1), alpha=-lr)
             loss_sum += losses
-        deltas = torch.empty_like(start)
         for (w, bias, _, _), (weight, b_) in zip(self._layers, layers, strict=True):
             deltas[:, w], deltas[:, bias] = weight.reshape(c, -1), b_
-        steps = mask.any(dim=2).sum(dim=1)
-        return Trained(deltas.sub_(params), loss_sum / steps.clamp(min=1), steps, None)
+        deltas.sub_(params)
+        return loss_sum
 
     def _gradient(self, w: torch.Tensor, xb, yb, step_mask) -> tuple[torch.Tensor, torch.Tensor]:
         c, b = step_mask.shape
