@@ -165,9 +165,11 @@ def test_a_round_is_split_by_samples_into_runs_of_ids_unless_pools_keep_client_s
     sizes = np.array([5, 1, 1, 1, 1, 1, 10, 2])
     parts, bounds = balanced_split(np.array([0, 1, 2, 6, 7]), sizes, 2)
     assert [p.tolist() for p in parts] == [[0, 1, 2], [6, 7]]  # 7 and 12 samples
-    assert bounds.tolist() == [0, 6, 8]
+    assert bounds.tolist() == [0, 4, 8]  # the cut at the most aligned id in 3..6
     parts, bounds = balanced_split(np.array([6]), sizes, 3)  # fewer clients than pools
-    assert [p.tolist() for p in parts] == [[], [], [6]] and bounds.tolist() == [0, 6, 6, 8]
+    assert [p.tolist() for p in parts] == [[], [], [6]] and bounds.tolist() == [0, 0, 0, 8]
+    parts, bounds = balanced_split(np.array([1, 2, 9, 12]), np.ones(16, np.int64), 2)
+    assert [p.tolist() for p in parts] == [[1, 2], [9, 12]] and bounds.tolist() == [0, 8, 16]
 
     task = build_task(small_config())
     stateless = PoolSpec(task.model, LocalSGD(1, 8, 0.1), EXECUTORS["vmap"], 0)
@@ -176,11 +178,11 @@ def test_a_round_is_split_by_samples_into_runs_of_ids_unless_pools_keep_client_s
     ids = np.arange(20)
     even = RoundSplit(task, stateless, ClientPool, shards)(ids, None)
     owned = RoundSplit(task, scaffold, ClientPool, shards)(ids, None)
-    assert [span for *_, span in owned] == [(0, 10), (10, 20)]
+    assert [span for *_, span in owned] == [(0, 10), (10, 1 << 48)]  # no id past the last
     assert [p.tolist() for p, *_ in owned] == [list(range(10)), list(range(10, 20))]
     halves = [int(task.client_sizes[p].sum()) for p, *_ in even]
     assert abs(halves[0] - halves[1]) <= task.client_sizes.max()  # dirichlet sizes: uneven ids
-    assert even[0][2][1] == even[1][2][0] == even[1][0][0]
+    assert even[0][0][-1] < even[0][2][1] == even[1][2][0] <= even[1][0][0]
 
 
 def test_a_pool_that_cannot_see_the_store_says_so(tmp_path):

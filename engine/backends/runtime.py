@@ -27,6 +27,7 @@ from engine.compute.pool import ClientPool, PoolResult, PoolSpec
 from engine.compute.training import pin_torch_arithmetic
 from engine.core.errors import ConfigError, PoolDied
 from engine.core.parallel import ChunkMap, serial_map
+from engine.core.tree import ALL_IDS
 from scenarios.task import FederatedTask
 
 
@@ -100,7 +101,21 @@ def balanced_split(selected: np.ndarray, sizes: np.ndarray, num_pools: int
     total = weights[-1] if weights.size else 0
     cuts = np.searchsorted(weights, total * np.arange(1, num_pools) / num_pools, side="right")
     first = np.append(selected, sizes.size)[cuts]  # the first id of each later run
-    return np.split(selected, cuts), np.concatenate([[0], first, [sizes.size]]).astype(np.int64)
+    last = np.append(-1, selected)[cuts]  # the last id of each earlier run (-1: none)
+    bounds = [0, *(_aligned(int(a), int(b)) for a, b in zip(last, first, strict=True)),
+              sizes.size]
+    return np.split(selected, cuts), np.array(bounds, dtype=np.int64)
+
+
+def _aligned(lo: int, hi: int) -> int:
+    """The id in (lo, hi] with the most trailing zero bits: a boundary between two pools'
+    runs there leaves both the fewest nodes of the id tree to send (W1: ~12 -> ~7 vectors a
+    round for two pools; a result's every 100 KB costs ~0.16 ms of Ray's return here)."""
+    for bits in range(max(hi, 1).bit_length(), -1, -1):
+        cut = (hi >> bits) << bits
+        if cut > lo:
+            return cut
+    return hi
 
 
 class RoundSplit:
@@ -115,12 +130,14 @@ class RoundSplit:
 
     def __call__(self, selected: np.ndarray, budgets: np.ndarray | None
                  ) -> list[tuple[np.ndarray, np.ndarray | None, tuple[int, int]]]:
-        """(ids, their budgets, the id span they lie in) for each pool, in pool order."""
+        """(ids, their budgets, the id span they lie in) for each pool, in pool order; the last
+        span runs to the tree's end, so its pool completes the nodes past N too."""
         if self.sizes is None:
             parts, bounds = split_by_pool(selected, self.bounds), self.bounds
         else:
             parts, bounds = balanced_split(selected, self.sizes, len(self.bounds) - 1)
         spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        spans[-1] = (spans[-1][0], ALL_IDS[1])  # no client id lies past the last pool's
         return list(zip(parts, _split_like(budgets, parts), spans, strict=True))
 
 
