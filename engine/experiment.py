@@ -124,6 +124,7 @@ def prepare(cfg: ExperimentConfig) -> _Parts:
     world = mode.world(seeds, task, hp, params)
     spec = PoolSpec(task.model, hp, plugins.executor, cfg.seed, plugins.compressor,
                     cfg.training.compression.error_feedback, fisher=mode.fisher,
+                    label_counts=mode.label_counts,
                     uplink=controlled_uplink(cfg, plugins.compressor),
                     streaming=None if t.streaming is None else Streaming(
                         **t.streaming.model_dump()))

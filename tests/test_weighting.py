@@ -156,9 +156,11 @@ def test_pools_send_label_counts_steps_and_fisher(small_task):
     task, model = small_task
     shard = task.shard(0, 6)
     hp = LocalSGD(epochs=1, batch_size=8, lr=0.1)
-    pool = ClientPool(PoolSpec(model, hp, EXECUTORS["vmap"], 0, fisher=True), shard)
-    ids = np.array([1, 4])
-    res = pool.train(torch.zeros(ParamSpec.of(model.build()).size), ids, round_idx=0)
+    spec = PoolSpec(model, hp, EXECUTORS["vmap"], 0, fisher=True, label_counts=True)
+    ids, params = np.array([1, 4]), torch.zeros(ParamSpec.of(model.build()).size)
+    res = ClientPool(spec, shard).train(params, ids, round_idx=0)
+    plain = ClientPool(PoolSpec(model, hp, EXECUTORS["vmap"], 0), shard).train(params, ids, 0)
+    assert plain.updates.label_counts is None and plain.updates.fisher is None  # not asked
     _, y, _ = task.train_rows()
     for row, c in enumerate(ids):
         labels = y[task.store.offsets[c]: task.store.offsets[c + 1]]

@@ -57,6 +57,7 @@ class PoolSpec:
     compressor: Compressor = none()  # applied to each client's delta
     error_feedback: bool = True  # keep each client's compression residual
     fisher: bool = False  # clients also return their local model's diagonal Fisher
+    label_counts: bool = False  # clients also return their training labels per class
     streaming: Streaming | None = None  # Streaming DiLoCo: workers keep their parameters
     uplink: ControlledUplink | None = None  # SCALLION / SCAFCOM: compress SCAFFOLD's uplink
 
@@ -389,7 +390,7 @@ class ClientPool(Checkpointed):
             losses=out.losses.float(),
             num_samples=torch.from_numpy(counts.astype(np.int64)),
             steps=out.steps.to(torch.int64),
-            label_counts=t.label_counts(client_ids),
+            label_counts=t.label_counts(client_ids) if self.spec.label_counts else None,
             fisher=fisher,
         )
         nonfinite = np.asarray(client_ids, dtype=np.int64)[~finite.numpy()]

@@ -379,9 +379,10 @@ class FusedMLPExecutor(VmapExecutor):
         c, _, b = plan.shape
         mask = mask[:, :num_steps]
         rows = plan[:, :num_steps].clamp(min=0).reshape(-1)
-        xs = x.index_select(0, rows).reshape(c, num_steps, b, -1).masked_fill(
-            ~mask[..., None], 0.0)
-        ys = y.index_select(0, rows).reshape(c, num_steps, b).masked_fill(~mask, 0)
+        xs = x.index_select(0, rows).reshape(c, num_steps, b, -1)
+        ys = y.index_select(0, rows).reshape(c, num_steps, b)
+        if not bool(mask.all()):
+            xs, ys = xs.masked_fill(~mask[..., None], 0.0), ys.masked_fill(~mask, 0)
         start = params.expand(c, -1)  # params: [P] shared or [C, P]
         layers = [(start[:, w].reshape(c, out, inp).clone(memory_format=torch.contiguous_format),
                    start[:, bias].clone(memory_format=torch.contiguous_format))

@@ -106,6 +106,7 @@ class Runner(Interface):
     """A protocol's run, built from the config once its task exists (engine/experiment.py)."""
 
     fisher: bool  # the pools compute clients' diagonal Fishers
+    label_counts: bool  # the pools count clients' training labels per class (FedDisco)
     notes: tuple[str, ...]  # one-line notes shown once at start (a reduction to another rule)
 
     def world(self, seeds: SeedTree, task: FederatedTask, hp: LocalSGD,

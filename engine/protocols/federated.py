@@ -60,6 +60,7 @@ class Federated:
         if streaming is not None:
             _check_streaming(cfg, plugins)
         self.fisher = pools_compute_fisher(plugins.aggregation)
+        self.label_counts = "label_counts" in chain_needs(plugins.aggregation)
         # the validation scorer is the task's (engine/experiment.py), not an update column
         missing = chain_needs(plugins.aggregation) - protocol.provides - {"validation"}
         if missing:

@@ -39,7 +39,7 @@ class Peers:
     def __init__(self, cfg: ExperimentConfig, plugins: Plugins, model: ModelSpec,
                  seeds: SeedTree) -> None:
         self.cfg, self.plugins, self.consensus = cfg, plugins, plugins.consensus
-        self.fisher, self.notes = False, ()
+        self.fisher, self.label_counts, self.notes = False, False, ()
         if not plugins.compressor.lossless and column_stochastic(plugins.mixing):
             raise ConfigError("training.compression with consensus=push_sum: CHOCO-SGD's public "
                               "copies average under doubly stochastic weights; push-sum's masses "
