@@ -38,7 +38,8 @@ def engine_rate(cfg, pools: int | None, warmup: int) -> float:
 def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--pools", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=40,
+                   help="rounds of each run (the configs have 20; more steady state)")
     p.add_argument("--warmup", type=int, default=5, help="rounds left out of steady state")
     p.add_argument("--repeats", type=int, default=repeats,
                    help="alternating engine/reference runs")

@@ -1,8 +1,9 @@
 """W1: the engine (Ray backend, the config's executor: auto) vs in-process plain-PyTorch references.
 
 Workload (configs/w1.yaml): 1000 clients x 64 samples, 64 features, 10 classes; MLP 64-128-10;
-100 clients per round; 1 local epoch, batch 16, SGD lr 0.05; FedAvg; 20 rounds.
-Prints steady-state client-updates/s of both (rounds after the first `--warmup`) and the ratio.
+100 clients per round; 1 local epoch, batch 16, SGD lr 0.05; FedAvg; 20 rounds in the config,
+40 here (`--rounds`). Prints steady-state client-updates/s of both (rounds after the first
+`--warmup`) and the ratio.
 
     python benchmarks/w1.py [--pools N] [--rounds R]
 """

@@ -3,8 +3,9 @@ store) vs an in-process plain-PyTorch reference (vmap training + sparse mixing).
 
 Workload (configs/w2.yaml): 1000 peers on a random 4-regular graph with Metropolis-Hastings
 weights; W1's data and model; each peer 1 local epoch (batch 16, lr 0.05), then one gossip
-step; 20 rounds. Prints steady-state peer-updates/s of both (rounds after `--warmup`) and the
-ratio, alternating engine and reference `--repeats` times.
+step; 20 rounds in the config, 40 here (`--rounds`). Prints steady-state peer-updates/s of
+both (rounds after `--warmup`) and the ratio, alternating engine and reference `--repeats`
+times.
 
     python benchmarks/w2.py [--pools N] [--rounds R] [--repeats K]
 """
