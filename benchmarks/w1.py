@@ -90,22 +90,59 @@ def plain_reference(cfg, warmup: int) -> float:
     return steady_rate(cfg.rounds, warmup, one_round)
 
 
+def bmm_reference(cfg, warmup: int) -> float:
+    """Issue 28's stretch reference: W1's MLP (one hidden ReLU layer) stepped by hand-written
+    batched products over the round's clients (`baddbmm`/`bmm` forward and backward, no
+    autograd), the plain reference's data, shuffles and weighted mean. One process, every
+    core."""
+    n, per, x, y, sizes, _, spec, init = stacked(cfg)
+    p = spec.unflatten(init)
+    (w1, b1), (w2, b2) = [(p[f"{i}.weight"], p[f"{i}.bias"]) for i in (1, 3)]
+    hp, k = cfg.training, cfg.population.participation.clients_per_round
+    rng = np.random.default_rng(0)
+
+    def one_round(r: int) -> int:
+        nonlocal w1, b1, w2, b2
+        chosen = torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))
+        xs, ys = shuffled(x[chosen], y[chosen])
+        cw1, cb1, cw2, cb2 = (t.expand(k, *t.shape).clone() for t in (w1, b1, w2, b2))
+        for s in range(0, per, hp.batch_size):
+            xb, yb = xs[:, s: s + hp.batch_size], ys[:, s: s + hp.batch_size]
+            h = torch.relu(torch.baddbmm(cb1[:, None], xb, cw1.transpose(1, 2)))
+            d = torch.softmax(torch.baddbmm(cb2[:, None], h, cw2.transpose(1, 2)), dim=-1)
+            d.scatter_add_(-1, yb[..., None], torch.full_like(d[..., :1], -1.0))
+            d /= xb.shape[1]  # the batch's mean cross-entropy
+            dh = torch.bmm(d, cw2) * (h > 0)
+            cw2.baddbmm_(d.transpose(1, 2), h, alpha=-hp.lr)
+            cb2.add_(d.sum(dim=1), alpha=-hp.lr)
+            cw1.baddbmm_(dh.transpose(1, 2), xb, alpha=-hp.lr)
+            cb1.add_(dh.sum(dim=1), alpha=-hp.lr)
+        weights = sizes[chosen] / sizes[chosen].sum()
+        w1, b1, w2, b2 = (torch.tensordot(weights, t, dims=1) for t in (cw1, cb1, cw2, cb2))
+        return k
+
+    return steady_rate(cfg.rounds, warmup, one_round)
+
+
 def main() -> None:
     args = parser(__doc__, repeats=5).parse_args()
     cfg = load_config(CONFIG, [f"rounds={args.rounds}", f"training.executor={args.executor}"])
     medians = alternate(args, cfg, {
         "plain": lambda: plain_reference(cfg, args.warmup),
+        "bmm": lambda: bmm_reference(cfg, args.warmup),
         **{f: (lambda f=f: reference(cfg, args.warmup, f)) for f in ("vmap_grad", "vmap_loss")}})
-    eng, plain, *refs = medians.values()
+    eng, plain, bmm, *refs = medians.values()
     best = max(refs)
     print(f"W1 steady state (rounds >= {args.warmup} of {args.rounds}), median of "
           f"{args.repeats}, client-updates/s:")
     threads = torch.get_num_threads()
     print(f"  plain reference (issue 28), dict params, {threads} threads: {plain:8,.0f}")
+    print(f"  bmm reference (no autograd, the stretch), {threads} threads: {bmm:8,.0f}")
     print(f"  reference, vmap(grad(loss)),      {threads} threads: {refs[0]:8,.0f}")
     print(f"  reference, vmap(loss) + autograd, {threads} threads: {refs[1]:8,.0f}")
     pad = " " * (11 - len(args.executor))
     print(f"  engine, Ray pools + {args.executor} executor:{pad}{eng:8,.0f}")
+    print(f"  ratio engine / bmm reference: {eng / bmm:.2f}x")
     print(f"  ratio engine / plain reference: {eng / plain:.2f}x   "
           f"(/ faster flat reference: {eng / best:.2f}x, / flat vmap(grad): "
           f"{eng / refs[0]:.2f}x)")
