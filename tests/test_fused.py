@@ -18,6 +18,19 @@ from scenarios.models import MODELS, ModelSpec
 from tests.conftest import small_config
 
 
+def ten_clients(kind: str, params: dict, hp: LocalSGD, seed: int):
+    """A model on 20 features and 5 classes, ten clients of unequal sizes (padding rows and
+    idle steps), their batch plan and starting points (one per client)."""
+    spec = ModelSpec(MODELS.make(kind, **params), (20,), 5)
+    module, rng = spec.build(), np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(size=(400, 20)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, 400))
+    counts = np.array([3, 40, 17, 33, 9, 1, 25, 40, 12, 20])
+    plan = batch_plan(np.arange(10, dtype=np.uint64), np.arange(10) * 40, counts, hp)
+    start = init_params(spec.build, 0) + 0.1 * torch.randn(10, ParamSpec.of(module).size)
+    return module, x, y, plan, start
+
+
 @pytest.mark.parametrize("model", [("mlp", {"hidden": [128]}), ("mlp", {"hidden": [12, 7]}),
                                    ("logistic", {})])
 @pytest.mark.parametrize("hp", [
@@ -28,14 +41,7 @@ from tests.conftest import small_config
 def test_fused_steps_equal_the_vmap_executor(model, hp):
     """Unequal client sizes (padding rows and idle steps), starting points per client,
     momentum, FedProx, SAM and SCAFFOLD's correction: deltas, losses and momentum to 1e-6."""
-    kind, params = model
-    spec = ModelSpec(MODELS.make(kind, **params), (20,), 5)
-    module, rng = spec.build(), np.random.default_rng(0)
-    x = torch.from_numpy(rng.normal(size=(400, 20)).astype(np.float32))
-    y = torch.from_numpy(rng.integers(0, 5, 400))
-    counts = np.array([3, 40, 17, 33, 9, 1, 25, 40, 12, 20])
-    plan = batch_plan(np.arange(10, dtype=np.uint64), np.arange(10) * 40, counts, hp)
-    start = init_params(spec.build, 0) + 0.1 * torch.randn(10, ParamSpec.of(module).size)
+    module, x, y, plan, start = ten_clients(*model, hp, seed=0)
     correction = 0.01 * torch.randn_like(start) if hp.scaffold else None
     outs = [EXECUTORS[name](module, ParamSpec.of(module))(start, x, y, plan, hp, None, correction)
             for name in ("vmap", "fused")]
@@ -53,13 +59,7 @@ def test_a_clients_fused_steps_do_not_depend_on_the_others_in_its_batch(hp, monk
     """In-place plain SGD and the shared steps: each client's delta and loss are the same
     bits whether it trains with all ten clients, with a few, or alone, padded to the longest
     plan in its batch or not (pools rely on it), and in blocks of FUSED_BLOCK clients."""
-    spec = ModelSpec(MODELS.make("mlp", hidden=[12, 7]), (20,), 5)
-    module, rng = spec.build(), np.random.default_rng(1)
-    x = torch.from_numpy(rng.normal(size=(400, 20)).astype(np.float32))
-    y = torch.from_numpy(rng.integers(0, 5, 400))
-    counts = np.array([3, 40, 17, 33, 9, 1, 25, 40, 12, 20])
-    plan = batch_plan(np.arange(10, dtype=np.uint64), np.arange(10) * 40, counts, hp)
-    start = init_params(spec.build, 0) + 0.1 * torch.randn(10, ParamSpec.of(module).size)
+    module, x, y, plan, start = ten_clients("mlp", {"hidden": [12, 7]}, hp, seed=1)
     fused = EXECUTORS["fused"](module, ParamSpec.of(module))
     every = fused(start, x, y, plan, hp)
     for group in ([2, 5, 7], [0], [9, 1]):
