@@ -73,12 +73,14 @@ def test_a_clients_fused_steps_do_not_depend_on_the_others_in_its_batch(hp, monk
     assert torch.equal(blocked.losses, every.losses)
 
 
-def test_fused_runs_give_the_same_bits_on_any_layout(tmp_path):
+def test_fused_runs_give_the_same_bits_on_any_layout(tmp_path, ray_cluster):
+    """Inline with 1 and 3 pools, Ray with 2 (packed calls, aligned cuts): the same bits."""
     cfg = small_config(rounds=2, training={"executor": "fused"},
                        task={"model": {"kind": "mlp", "mlp": {"hidden": [16]}}})
-    a, b = (run_experiment(cfg, RuntimeOptions("inline", pools=n), tmp_path, False).loop.params
-            for n in (1, 3))
-    assert torch.equal(a, b)
+    a, b, c = (run_experiment(cfg, options, tmp_path, False).loop.params for options in
+               (RuntimeOptions("inline", pools=1), RuntimeOptions("inline", pools=3),
+                RuntimeOptions("ray", pools=2, reuse_actors=True)))
+    assert torch.equal(a, b) and torch.equal(a, c)
     vmap = run_experiment(small_config(rounds=2, task={"model": {"kind": "mlp",
                                                                   "mlp": {"hidden": [16]}}}),
                           RuntimeOptions("inline"), tmp_path, False).loop.params
