@@ -120,13 +120,10 @@ class PeerModels:
 
     def models(self) -> torch.Tensor:
         """[n, P]: the de-biased models x / w (a new tensor)."""
-        if bool((self.mass == 1).all()):
-            return self.numer.clone()
-        return self.numer / self.mass[:, None]
+        return self.rows(torch.arange(self.numer.shape[0]))
 
     def rows(self, local: torch.Tensor) -> torch.Tensor:
-        """[len(local), P]: the de-biased models of rows `local` (a new tensor; `models()`'s
-        rows, the same bits)."""
+        """[len(local), P]: the de-biased models x / w of rows `local` (a new tensor)."""
         span = _span(local)
         numer, mass = self.numer[span], self.mass[local]
         if bool((mass == 1).all()):
